@@ -1,0 +1,40 @@
+"""Offline RL stages: rejection sampling (policy samples -> verified preference pairs) and DPO.
+Report: ~150K pairs, 1 epoch, LR 7e-7, with the Online Merging Optimizer."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from qwen_align.recipe import DataConfig, StageConfig
+
+
+class RejectionSamplingConfig(StageConfig):
+    kind: Literal["rejection_sampling"] = "rejection_sampling"
+    data: DataConfig = Field(description="Prompts whose rows name a verifier (answer, tests, instructions).")
+    samples_per_prompt: int = Field(8, gt=0, description="Responses sampled per prompt from the policy.")
+    temperature: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(2048, gt=0)
+
+    def key_hyperparameters(self) -> dict[str, Any]:
+        return {"samples_per_prompt": self.samples_per_prompt, "temperature": self.temperature,
+                "max_new_tokens": self.max_new_tokens}
+
+
+class Config(StageConfig):
+    kind: Literal["dpo"] = "dpo"
+    learning_rate: float = Field(7e-7, gt=0, description="Report: 7e-7.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Report: 1 epoch.")
+    beta: float = Field(0.1, gt=0, description="DPO temperature (TRL's `beta`).")
+    loss_type: str = Field("sigmoid", description="Any of TRL's DPO loss types.")
+    optimizer: Literal["online_merging", "adamw"] = Field(
+        "online_merging", description="Report: the Online Merging Optimizer."
+    )
+    variant: Literal["ondare", "onties"] = "ondare"
+    base_model: str | None = Field(None, description="Base checkpoint for the SFT delta; default: the recipe's model.")
+    max_length: int = Field(32_768, gt=0)
+
+    def key_hyperparameters(self) -> dict[str, Any]:
+        return {**super().key_hyperparameters(), "beta": self.beta, "optimizer": self.optimizer,
+                "variant": self.variant}

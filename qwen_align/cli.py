@@ -1,0 +1,111 @@
+"""`qwen-align`: plan and run recipes, build the offline Qwen2.5 tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-align", description="The Qwen2.5 post-training chain from one YAML recipe.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="print the resolved chain of a recipe")
+    plan.add_argument("recipe")
+    plan.add_argument("--json", action="store_true", help="print the whole resolved recipe as JSON")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+
+    run = sub.add_parser("run", help="run a recipe's stages (completed ones are skipped)")
+    run.add_argument("recipe")
+    run.add_argument("--until", metavar="NAME", help="stop after this stage")
+    run.add_argument("--only", metavar="NAME[,NAME]", help="run only these stages (their inputs must exist)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe key, e.g. stages.sft.learning_rate=1e-5")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    build = tok_sub.add_parser("build", help="write a Qwen2.5 tokenizer folder from the BPE ranks (offline)")
+    build.add_argument("--out", required=True, help="folder to write (loadable by AutoTokenizer)")
+    build.add_argument("--tiktoken", help="qwen.tiktoken ranks file; default: the one shipped in dashscope")
+    return p
+
+
+def _plan(args) -> None:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.json:
+        out = recipe.resolved_json()
+        for stage, raw in zip(recipe.stages, out["stages"]):
+            raw["effective_global_batch"] = stage.global_batch(recipe.num_processes)
+        print(json.dumps(out, indent=2))
+        return
+    print(f"recipe {recipe.source}: model {recipe.model}, run_dir {recipe.run_dir}, seed {recipe.seed}, "
+          f"{recipe.num_processes} process(es)")
+    for i, stage in enumerate(recipe.stages, 1):
+        start = stage.init_from or f"{recipe.model} (recipe model)"
+        print(f"{i}. {stage.name} [{stage.kind}] from {start}")
+        if stage.data:
+            sources = ", ".join(f"{Path(s.path).name} x{s.weight:g}" for s in stage.data.sources)
+            print(f"   data: {sources}")
+        params = "  ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in stage.key_hyperparameters().items())
+        print(f"   {params}")
+        batch = stage.global_batch(recipe.num_processes)
+        print(f"   global batch: {stage.per_device_train_batch_size} per device x {stage.gradient_accumulation_steps} "
+              f"accumulation x {recipe.num_processes} process(es) = {batch}")
+
+
+def _run(args) -> None:
+    from .recipe import load_recipe
+    from .runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    manifest = run_recipe(recipe, until=args.until, only=only)
+    print(f"manifest: {Path(recipe.run_dir).resolve() / 'manifest.json'}")
+    for name, entry in manifest["stages"].items():
+        acc = entry.get("metrics", {}).get("heldout_accuracy")
+        extra = f", held-out accuracy {acc:.1%}" if acc is not None else ""
+        print(f"  {name}: {entry.get('status')}{extra}")
+
+
+def _tokenizer_build(args) -> None:
+    from .tokenizer import build_qwen25_tokenizer, save_tokenizer
+
+    tok = build_qwen25_tokenizer(args.tiktoken)
+    save_tokenizer(tok, args.out)
+    ids = tok("Hello world!")["input_ids"]
+    print(f"wrote {args.out}: {len(tok)} tokens; 'Hello world!' -> {ids}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "plan":
+            _plan(args)
+        elif args.command == "run":
+            _run(args)
+        elif args.command == "tokenizer":
+            _tokenizer_build(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

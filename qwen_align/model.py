@@ -1,0 +1,131 @@
+"""The one Qwen2.5 model definition: presets, and one loader for policies and reward models.
+
+Policy and reference are `Qwen2ForCausalLM`; the reward model is `Qwen2ForSequenceClassification` with one
+label. Both come from the same loader and the same checkpoint format (a transformers directory).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+)
+
+from .errors import UserError
+from .fsutil import atomic_dir
+from .presets import PRESETS, RMS_NORM_EPS, ROPE_THETA, preset_name
+
+log = logging.getLogger(__name__)
+
+ModelRole = Literal["policy", "reward"]
+
+
+def preset_config(name: str, tokenizer: PreTrainedTokenizerBase | None = None) -> Qwen2Config:
+    p = PRESETS[name]
+    vocab = p.vocab_size
+    if tokenizer is not None:
+        vocab = max(vocab, len(tokenizer))
+    if vocab == 0:
+        raise UserError(f"preset '{name}' takes its vocabulary size from a tokenizer; give the recipe a `tokenizer`")
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_hidden_layers,
+        num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads,
+        max_position_embeddings=p.max_position_embeddings,
+        rms_norm_eps=RMS_NORM_EPS,
+        rope_theta=ROPE_THETA,
+        tie_word_embeddings=p.tie_word_embeddings,
+        hidden_act="silu",
+        use_sliding_window=False,
+    )
+    if tokenizer is not None:
+        config.bos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise UserError(f"dtype '{dtype}' is not one of auto, float32, bfloat16, float16") from None
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    """'auto' picks flash_attention_2 when it is installed and a GPU is present, else sdpa."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_model(
+    source: str | Path,
+    role: ModelRole = "policy",
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "auto",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A policy (causal LM) or reward model (1-label classifier) from a checkpoint dir or a preset name.
+
+    A preset gives a randomly initialised model (tests and the demo); a directory is loaded with
+    `from_pretrained`. A reward model loaded from a policy checkpoint gets a fresh scoring head.
+    """
+    cls = Qwen2ForCausalLM if role == "policy" else Qwen2ForSequenceClassification
+    attn = resolve_attn_implementation(attn_implementation)
+    torch_dtype = resolve_dtype(dtype)
+    name = preset_name(str(source))
+    if name is not None and not Path(source).exists():
+        config = preset_config(name, tokenizer)
+        config._attn_implementation = attn
+        if role == "reward":
+            config.num_labels = 1
+        torch.manual_seed(seed)
+        model = cls(config)
+        if torch_dtype not in ("auto", torch.float32):
+            model = model.to(torch_dtype)
+        log.info("built preset '%s' with random init (%.2fM parameters)", name, model.num_parameters() / 1e6)
+        return model
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise UserError(f"model '{source}': not a preset ({', '.join(PRESETS)}) nor a checkpoint directory with config.json")
+    kwargs = {"attn_implementation": attn, "dtype": torch_dtype}
+    if role == "reward":
+        kwargs["num_labels"] = 1
+    model = cls.from_pretrained(path, **kwargs)
+    if role == "reward" and model.config.pad_token_id is None and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
+    """Write model + tokenizer (with chat template) so `AutoModel*.from_pretrained(out_dir)` works; atomic."""
+    out_dir = Path(out_dir)
+    if hasattr(model, "merge_and_unload"):  # a peft model: ship plain weights every stage can load
+        model = model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir

@@ -1,0 +1,357 @@
+"""Recipe schema: one YAML file, validated into typed models; the single source of every key and default.
+
+Stage kinds add their own options by subclassing `StageConfig` in their package (see `registry`).
+Relative paths inside a recipe are taken from the recipe file's folder, except `run_dir`, which is taken
+from the directory the command runs in.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from . import registry
+from .errors import RecipeError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(Strict):
+    path: str = Field(description="Local JSONL/JSON/Parquet file or `save_to_disk` folder (or a hub name when online).")
+    weight: float = Field(
+        1.0, gt=0, description="Multiplier on this source's examples: 0.5 takes a seeded half, 2 repeats it twice."
+    )
+    split: str = Field("train", description="Split to read from a DatasetDict folder or a hub dataset.")
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = Field(min_length=1, description="Training data, mixed by weight (seeded).")
+    system_prompts: str | list[str] | None = Field(
+        None,
+        description="Pool of system prompts, a list or a text file (one per line); one is sampled for each "
+        "example that has no system message (the report's robust system instructions).",
+    )
+    system_prompt_probability: float = Field(
+        1.0, ge=0, le=1, description="Share of examples without a system message that get one from the pool."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error", description="`error` stops at the first malformed row (file:line); `skip` drops and counts them."
+    )
+    max_examples: int | None = Field(None, gt=0, description="Cap on the mixed examples (for smoke tests).")
+
+
+class TaskEval(Strict):
+    """Held-out prompts with checkable answers: greedy answers are verified and the accuracy recorded."""
+
+    path: str = Field(description="JSONL of rows with `messages` (the prompt) and verifier fields.")
+    max_new_tokens: int = Field(32, gt=0, description="Longest answer generated.")
+    limit: int | None = Field(None, gt=0, description="Evaluate only the first N rows.")
+    batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
+
+
+class LoraOptions(Strict):
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    lora_alpha: int = Field(32, gt=0, description="Adapter scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class StageConfig(Strict):
+    """Options every stage kind has. Training options keep their transformers/TRL names."""
+
+    name: str = Field(description="Unique name; other stages refer to it in `init_from`.")
+    kind: str = Field(description="One of: " + ", ".join(registry.STAGE_KINDS))
+    init_from: str | None = Field(
+        None, description="A previous stage's name, or a checkpoint path; default: the recipe's `model`."
+    )
+    data: DataConfig | None = Field(None, description="The stage's training data (see `data`).")
+    task_eval: TaskEval | None = Field(None, description="Held-out prompts checked after the stage (see `task_eval`).")
+    # Model options
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto`: bfloat16 on a GPU that has it, else float32."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="`auto`: flash_attention_2 when installed on a GPU, else sdpa."
+    )
+    gradient_checkpointing: bool = Field(False, description="True trades compute for activation memory.")
+    lora: LoraOptions | None = Field(None, description="Train LoRA adapters (peft); merged into the saved checkpoint.")
+    # Training options (transformers.TrainingArguments names)
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data.")
+    max_steps: int = Field(-1, description="Positive: stop after this many optimizer steps (overrides epochs).")
+    per_device_train_batch_size: int = Field(1, gt=0, description="Sequences per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled (AdamW) weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm.")
+    lr_scheduler_type: str = Field("linear", description="A transformers scheduler name.")
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict, description="Scheduler options, e.g. min_lr.")
+    warmup_steps: float = Field(0, ge=0, description="Steps, or a fraction of all steps when below 1.")
+    logging_steps: int = Field(10, gt=0, description="Steps between metric records (console, metrics.jsonl).")
+    save_steps: int = Field(500, gt=0, description="Checkpoint interval; an interrupted stage resumes from the last.")
+    save_total_limit: int | None = Field(2, description="Keep only this many trainer checkpoints.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not STAGE_NAME.match(v):
+            raise ValueError("use letters, digits, '_', '-', '.'")
+        return v
+
+    def global_batch(self, num_processes: int) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
+
+    def key_hyperparameters(self) -> dict[str, Any]:
+        """What `plan` shows for this stage; kinds extend it."""
+        schedule = f"{self.lr_scheduler_type}"
+        if "min_lr" in self.lr_scheduler_kwargs:
+            schedule += f" -> {self.lr_scheduler_kwargs['min_lr']:g}"
+        return {
+            "learning_rate": self.learning_rate,
+            "schedule": schedule,
+            "epochs": self.num_train_epochs if self.max_steps <= 0 else f"max_steps={self.max_steps}",
+            "weight_decay": self.weight_decay,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
+
+class Recipe(Strict):
+    model: str = Field(description="Checkpoint directory or preset (tiny, 0.5b, 1.5b, 3b, 7b, 14b, 32b, 72b).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder; default: the model's checkpoint folder.")
+    run_dir: str = Field(description="Where manifest, metrics, logs and checkpoints go.")
+    seed: int = Field(42, description="Seeds model init, data mixing, sampling and training.")
+    num_processes: int = Field(1, gt=0, description="GPUs the chain is planned for (global batch arithmetic).")
+    stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1, description="The chain, run in order.")
+
+    # Where the recipe came from; not part of the schema.
+    source: str | None = Field(None, exclude=True)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise RecipeError(f"{self.source}: no stage named '{name}' (stages: {', '.join(s.name for s in self.stages)})")
+
+    def resolved_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _yaml_key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path: tuple) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(value, path + (key.value,))
+                lines[path + (key.value,)] = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _error_line(source: str, loc: tuple, lines: dict[tuple, int], message: str) -> RecipeError:
+    line = None
+    for cut in range(len(loc), -1, -1):  # nearest enclosing key that exists in the file
+        line = lines.get(tuple(loc[:cut]))
+        if line:
+            break
+    where = f"{source}:{line}" if line else source
+    return RecipeError(f"{where}: {_format_loc(loc)}: {message}")
+
+
+def _pydantic_message(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if "input" in err and err["type"] not in ("model_type", "dict_type"):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`key.path=value` on the raw recipe; stages are addressed by name or index (`stages.sft.learning_rate`)."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment}: expected key.path=value")
+    key, value_text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text) if value_text != "" else None
+    except yaml.YAMLError:
+        value = value_text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, key)
+        elif isinstance(node, dict):
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise RecipeError(f"--set {key}: '{'.'.join(parts[:i])}' is not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        raise RecipeError(f"--set {key}: give a key inside the list item, not the item itself")
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {key}: '{'.'.join(parts[:-1])}' is not a mapping")
+    node[last] = value
+
+
+def _list_item(items: list, part: str, key: str):
+    if part.isdigit() and int(part) < len(items):
+        return items[int(part)]
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == part:
+            return item
+    raise RecipeError(f"--set {key}: no list item named or numbered '{part}'")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{source}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{source}: cannot read recipe ({e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with model, run_dir and stages")
+    raw = copy.deepcopy(raw)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return validate_recipe(raw, source, _yaml_key_lines(text), base_dir=path.parent)
+
+
+def validate_recipe(raw: dict, source: str, lines: dict[tuple, int] | None = None, base_dir: Path | None = None) -> Recipe:
+    lines = lines or {}
+    raw_stages = raw.get("stages")
+    stages: list[StageConfig] = []
+    if isinstance(raw_stages, list):
+        for i, item in enumerate(raw_stages):
+            stages.append(_validate_stage(item, i, source, lines))
+    try:
+        recipe = Recipe.model_validate({**raw, "stages": stages if isinstance(raw_stages, list) else raw_stages})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise _error_line(source, tuple(err["loc"]), lines, _pydantic_message(err)) from None
+    recipe.source = source
+    base_dir = base_dir or Path.cwd()
+    _check_chain(recipe, lines, base_dir)
+    _resolve_paths(recipe, base_dir)
+    return recipe
+
+
+def _validate_stage(item: Any, index: int, source: str, lines: dict[tuple, int]) -> StageConfig:
+    loc = ("stages", index)
+    if not isinstance(item, dict):
+        raise _error_line(source, loc, lines, "a stage is a mapping with name, kind and options")
+    kind = item.get("kind")
+    if kind is None:
+        raise _error_line(source, loc + ("kind",), lines, "required key is missing")
+    if kind not in registry.STAGE_KINDS:
+        raise _error_line(source, loc + ("kind",), lines, f"unknown stage kind {kind!r}; choose from {', '.join(registry.STAGE_KINDS)}")
+    config_cls = registry.config_class(kind)
+    try:
+        return config_cls.model_validate(item)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise _error_line(source, loc + tuple(err["loc"]), lines, _pydantic_message(err)) from None
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> None:
+    """Make relative paths absolute against the recipe's folder (run_dir stays relative to the CWD)."""
+
+    def fix(p: str) -> str:
+        candidate = Path(p).expanduser()
+        if candidate.is_absolute():
+            return str(candidate)
+        resolved = (base / candidate).resolve()
+        # A non-existing relative path might be a hub name ("org/name"); keep it as written then.
+        return str(resolved) if resolved.exists() or "/" not in p or p.startswith(".") else p
+
+    from .presets import preset_name
+
+    if preset_name(recipe.model) is None:
+        recipe.model = fix(recipe.model)
+    if recipe.tokenizer:
+        recipe.tokenizer = fix(recipe.tokenizer)
+    names = set()
+    for stage in recipe.stages:
+        if stage.init_from and stage.init_from not in names:
+            stage.init_from = fix(stage.init_from)
+        names.add(stage.name)
+        if stage.data:
+            for src in stage.data.sources:
+                src.path = fix(src.path)
+            if isinstance(stage.data.system_prompts, str):
+                stage.data.system_prompts = fix(stage.data.system_prompts)
+        if stage.task_eval:
+            stage.task_eval.path = fix(stage.task_eval.path)
+
+
+def _check_chain(recipe: Recipe, lines: dict[tuple, int], base_dir: Path) -> None:
+    seen: set[str] = set()
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            raise _error_line(recipe.source, ("stages", i, "name"), lines, f"duplicate stage name {stage.name!r}")
+        ref = stage.init_from
+        if ref is not None and ref not in seen:
+            later = any(s.name == ref for s in recipe.stages[i:])
+            if later or not (base_dir / Path(ref).expanduser()).exists():
+                why = "names a later stage" if later else "is neither an earlier stage nor an existing path"
+                raise _error_line(recipe.source, ("stages", i, "init_from"), lines, f"{ref!r} {why}")
+        seen.add(stage.name)
+
+
+def stage_hash(recipe: Recipe, stage: StageConfig, upstream_hash: str | None) -> str:
+    """Identity of a stage's work: its options, where it starts from, and the recipe-wide settings."""
+    payload = {
+        "stage": stage.model_dump(mode="json"),
+        "model": recipe.model,
+        "tokenizer": recipe.tokenizer,
+        "seed": recipe.seed,
+        "upstream": upstream_hash,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

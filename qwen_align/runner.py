@@ -1,0 +1,199 @@
+"""Run a recipe's chain of stages, recording each in the run directory's manifest.
+
+run_dir/
+  manifest.json     per stage: status, output, metrics, config hash, library versions (written atomically)
+  metrics.jsonl     every logged training record, tagged with its stage
+  logs/<stage>.log  the stage's log
+  <stage>/final     the stage's output checkpoint; <stage>/checkpoints holds trainer checkpoints for resuming
+
+A completed stage whose config hash (its options + its upstream's hash) is unchanged is skipped; an
+interrupted one resumes from its last trainer checkpoint; a changed one starts over.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from . import registry
+from .errors import RecipeError
+from .fsutil import atomic_write_json
+from .recipe import Recipe, StageConfig, stage_hash
+from .stage import StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("qwen-align", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class Manifest:
+    def __init__(self, run_dir: Path, recipe: Recipe):
+        self.path = run_dir / "manifest.json"
+        self.data: dict[str, Any] = {"recipe": recipe.source, "stages": {}}
+        if self.path.is_file():
+            import json
+
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise RecipeError(f"{self.path}: manifest is not valid JSON ({e}); move it away to start over") from None
+            self.data.setdefault("stages", {})
+
+    def entry(self, name: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(name)
+
+    def update(self, name: str, **fields: Any) -> None:
+        self.data["stages"].setdefault(name, {}).update(fields)
+        self.data["updated_at"] = _now()
+        if is_main_process():
+            atomic_write_json(self.path, self.data)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def select_stages(recipe: Recipe, until: str | None, only: list[str] | None) -> list[StageConfig]:
+    names = [s.name for s in recipe.stages]
+    for n in ([until] if until else []) + (only or []):
+        if n not in names:
+            raise RecipeError(f"no stage named '{n}' in {recipe.source} (stages: {', '.join(names)})")
+    if only:
+        return [s for s in recipe.stages if s.name in only]
+    if until:
+        return recipe.stages[: names.index(until) + 1]
+    return list(recipe.stages)
+
+
+def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
+    run_dir = Path(recipe.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run_dir, recipe)
+    selected = {s.name for s in select_stages(recipe, until, only)}
+
+    hashes: dict[str, str] = {}
+    for stage in recipe.stages:
+        upstream = hashes.get(stage.init_from) if stage.init_from else None
+        hashes[stage.name] = stage_hash(recipe, stage, upstream)
+        if stage.name not in selected:
+            continue
+        entry = manifest.entry(stage.name) or {}
+        if (
+            entry.get("status") == "completed"
+            and entry.get("config_hash") == hashes[stage.name]
+            and Path(entry.get("output", "")).exists()
+        ):
+            print(f"[{stage.name}] completed earlier with the same config; skipping (output: {entry['output']})")
+            continue
+        _run_stage(recipe, stage, hashes[stage.name], manifest, run_dir)
+    return manifest.data
+
+
+def _init_source(recipe: Recipe, stage: StageConfig, manifest: Manifest) -> str:
+    if stage.init_from is None:
+        return recipe.model
+    upstream = manifest.entry(stage.init_from)
+    if any(s.name == stage.init_from for s in recipe.stages):
+        if not upstream or upstream.get("status") != "completed":
+            raise RecipeError(
+                f"stage '{stage.name}' starts from stage '{stage.init_from}', which has not completed in "
+                f"{recipe.run_dir}; run it first"
+            )
+        return upstream["output"]
+    return stage.init_from  # a path, checked when the recipe was loaded
+
+
+def _run_stage(recipe: Recipe, stage: StageConfig, config_hash: str, manifest: Manifest, run_dir: Path) -> None:
+    stage_dir = run_dir / stage.name
+    entry = manifest.entry(stage.name) or {}
+    resume = None
+    checkpoints = stage_dir / "checkpoints"
+    if entry.get("config_hash") == config_hash and entry.get("status") in ("running", "failed", "interrupted"):
+        resume = _last_checkpoint(checkpoints)
+    elif checkpoints.exists():
+        shutil.rmtree(checkpoints)  # checkpoints of a different config must not be resumed
+    context = StageContext(
+        recipe=recipe,
+        stage_dir=stage_dir,
+        init_source=_init_source(recipe, stage, manifest),
+        resume_checkpoint=resume,
+        metrics_path=run_dir / "metrics.jsonl",
+        is_main_process=is_main_process(),
+    )
+    module = registry.stage_module(stage.kind)
+    print(f"[{stage.name}] {stage.kind} from {context.init_source}" + (f", resuming {resume}" if resume else ""))
+    manifest.update(
+        stage.name, kind=stage.kind, status="running", config_hash=config_hash, init_from=context.init_source,
+        started_at=_now(), versions=library_versions(), resumed_from=resume, error=None,
+    )
+    with _stage_log(run_dir / "logs" / f"{stage.name}.log"):
+        try:
+            result: StageResult = module.run(stage, context)
+        except KeyboardInterrupt:
+            manifest.update(stage.name, status="interrupted", finished_at=_now())
+            raise
+        except Exception as e:
+            manifest.update(stage.name, status="failed", error=f"{type(e).__name__}: {e}"[:2000], finished_at=_now())
+            raise
+    manifest.update(
+        stage.name, status="completed", output=str(result.output), metrics=result.metrics, finished_at=_now()
+    )
+    print(f"[{stage.name}] done: {result.output}")
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    if not folder.is_dir():
+        return None
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    if not found:
+        return None
+    return str(max(found, key=lambda p: int(p.name.split("-")[-1])))
+
+
+LOGGERS = ("qwen_align", "transformers", "trl", "sft", "dpo", "grpo", "reward_model")
+
+
+class _stage_log:
+    """Send qwen_align, transformers and trl log records to the stage's log file while it runs."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.setLevel(logging.INFO)
+        for name in LOGGERS:
+            lg = logging.getLogger(name)
+            lg.addHandler(self.handler)
+            # Our own loggers record INFO; the libraries keep their level so the console stays quiet.
+            if name not in ("transformers", "trl") and (lg.level == logging.NOTSET or lg.level > logging.INFO):
+                lg.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        for name in LOGGERS:
+            logging.getLogger(name).removeHandler(self.handler)
+        self.handler.close()
+        return False

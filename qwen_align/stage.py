@@ -1,0 +1,90 @@
+"""What the runner hands a stage (`StageContext`) and what a stage hands back (`StageResult`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import StageNotBuiltError, UserError
+from .recipe import Recipe, StageConfig
+
+if TYPE_CHECKING:  # heavy imports stay out of `qwen-align plan`
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    output: Path  # the stage's output checkpoint (or dataset) directory
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    stage_dir: Path  # the stage's own folder inside run_dir
+    init_source: str  # checkpoint dir or preset name the stage starts from
+    resume_checkpoint: str | None  # trainer checkpoint to resume from, if the stage was interrupted
+    metrics_path: Path
+    is_main_process: bool = True
+
+    @property
+    def output_dir(self) -> Path:
+        return self.stage_dir / "final"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    @property
+    def seed(self) -> int:
+        return self.recipe.seed
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer travels with checkpoints; a preset start takes the recipe's `tokenizer`."""
+        from .tokenizer import load_tokenizer
+
+        init = Path(self.init_source)
+        if (init / "tokenizer_config.json").is_file():
+            return load_tokenizer(init)
+        if self.recipe.tokenizer:
+            return load_tokenizer(self.recipe.tokenizer)
+        raise UserError(f"{self.recipe.source}: tokenizer: required when the model is a preset ('{self.init_source}')")
+
+    def load_policy(self, stage: StageConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        from .model import load_model
+
+        return load_model(
+            self.init_source, "policy", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+            attn_implementation=stage.attn_implementation, seed=self.seed,
+        )
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main_process:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def resolve_stage_dtype(dtype: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def not_built(stage: StageConfig) -> StageResult:
+    """What a stage kind that is specified but not implemented yet does when run."""
+    raise StageNotBuiltError(
+        f"stage '{stage.name}': kind '{stage.kind}' is not built yet in this version of qwen-align; "
+        f"run the stages before it with --until, or drop it from the recipe"
+    )

@@ -1,0 +1,113 @@
+"""Run the SFT stage: mixed conversations -> TRL SFTTrainer -> a checkpoint every stage can load."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from qwen_align.data import load_training_rows
+from qwen_align.generation import load_eval_rows, task_accuracy
+from qwen_align.model import save_checkpoint
+from qwen_align.callbacks import MetricsLogger
+from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+
+from .config import Config
+from .dataset import tokenize_conversations
+
+log = logging.getLogger(__name__)
+
+
+def training_args(stage: Config, context: StageContext) -> SFTConfig:
+    dtype = resolve_stage_dtype(stage.dtype)
+    return SFTConfig(
+        output_dir=str(context.checkpoints_dir),
+        seed=context.seed,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_train_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        lr_scheduler_type=stage.lr_scheduler_type,
+        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
+        warmup_steps=stage.warmup_steps,
+        logging_steps=stage.logging_steps,
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        activation_checkpointing=stage.gradient_checkpointing,  # transformers 5's name for it
+        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        max_length=stage.max_length,
+        packing=stage.packing,
+        packing_strategy="bfd",
+        # The data arrives tokenised with its assistant mask; TRL turns the mask into labels.
+        assistant_only_loss=False,
+        dataset_num_proc=stage.dataset_num_proc,
+        report_to="none",
+    )
+
+
+def run(stage: Config, context: StageContext) -> StageResult:
+    set_seed(context.seed)
+    tokenizer = context.tokenizer()
+    rows, data_report = load_training_rows(stage.data, context.seed)
+    dataset, lengths = tokenize_conversations(
+        rows, tokenizer, stage.max_length, stage.on_long, stage.assistant_only_loss, stage.dataset_num_proc
+    )
+    print(
+        f"[{stage.name}] {lengths.examples_out} examples, {lengths.tokens} tokens "
+        f"(truncated {lengths.truncated}, dropped for length {lengths.dropped_for_length}, "
+        f"no target left {lengths.dropped_no_target}, bad rows skipped {data_report['bad_rows_skipped']})"
+    )
+    model = context.load_policy(stage, tokenizer)
+    peft_config = None
+    if stage.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **stage.lora.model_dump())
+    if stage.fused_loss:
+        from .trainer import FusedLossSFTTrainer as trainer_cls
+    else:
+        trainer_cls = SFTTrainer
+    extra = {"loss_chunk_size": stage.loss_chunk_size} if stage.fused_loss else {}
+    trainer = trainer_cls(
+        model=model,
+        args=training_args(stage, context),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[MetricsLogger(context, stage.name)],
+        **extra,
+    )
+    train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        save_checkpoint(model, tokenizer, context.output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+    metrics = {
+        "train_loss": train_output.training_loss,
+        "train_steps": train_output.global_step,
+        "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+        "data": data_report,
+        "lengths": lengths.as_dict(),
+    }
+    if stage.task_eval is not None and trainer.accelerator.is_main_process:
+        rows = load_eval_rows(stage.task_eval.path, stage.task_eval.limit)
+        model.config.use_cache = True
+        result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size)
+        metrics["heldout_accuracy"] = result["accuracy"]
+        metrics["heldout"] = result
+        print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts "
+              f"({', '.join(f'{k} {v:.1%}' for k, v in result['by_family'].items())})")
+        context.log_metrics({"stage": stage.name, "heldout_accuracy": result["accuracy"]})
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return StageResult(output=context.output_dir, metrics=metrics)

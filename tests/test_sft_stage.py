@@ -1,0 +1,119 @@
+"""SFT stage and runner: a real (tiny) training run, manifest, skip, resume, clear failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from helpers import arithmetic_rows, write_jsonl
+from transformers import AutoModelForCausalLM
+
+from qwen_align.errors import DataError, StageNotBuiltError
+from qwen_align.recipe import load_recipe
+from qwen_align.runner import run_recipe
+from sft.dataset import tokenize_conversations
+
+
+def _manifest(raw) -> dict:
+    with open(f"{raw['run_dir']}/manifest.json") as f:
+        return json.load(f)
+
+
+def test_length_report_truncates_or_drops(demo_tokenizer):
+    rows = arithmetic_rows(4)
+    long_row = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "1"}]}
+    ds, report = tokenize_conversations([*rows, long_row], demo_tokenizer, max_length=64, on_long="truncate")
+    # Truncation cut the answer off the long row, leaving nothing to learn: dropped and counted.
+    assert (report.truncated, report.dropped_no_target, report.examples_out) == (1, 1, 4)
+    assert max(len(x) for x in ds["input_ids"]) <= 64 and report.longest > 64
+    ds, report = tokenize_conversations([*rows, long_row], demo_tokenizer, max_length=64, on_long="drop")
+    assert (report.dropped_for_length, report.truncated, report.examples_out) == (1, 0, 4)
+    mask = ds[0]["assistant_masks"]
+    answer = [t for t, m in zip(ds[0]["input_ids"], mask) if m]
+    assert demo_tokenizer.decode(answer) == rows[0]["messages"][1]["content"] + "<|im_end|>"
+
+
+def test_run_skip_and_rerun_on_change(small_sft_recipe, capsys):
+    path, raw = small_sft_recipe
+    manifest = run_recipe(load_recipe(path))
+    entry = manifest["stages"]["sft"]
+    assert entry["status"] == "completed" and entry["metrics"]["train_steps"] == 2
+    assert 0.0 <= entry["metrics"]["heldout_accuracy"] <= 1.0
+    assert entry["versions"]["transformers"] and entry["config_hash"]
+    assert _manifest(raw)["stages"]["sft"]["status"] == "completed"
+    model = AutoModelForCausalLM.from_pretrained(entry["output"])
+    assert model.config.model_type == "qwen2"
+    records = [json.loads(line) for line in open(f"{raw['run_dir']}/metrics.jsonl")]
+    assert any(r.get("stage") == "sft" and "loss" in r for r in records)
+    assert (path.parent / "run" / "logs" / "sft.log").exists()
+
+    capsys.readouterr()
+    run_recipe(load_recipe(path))
+    assert "skipping" in capsys.readouterr().out
+
+    changed = run_recipe(load_recipe(path, ["stages.sft.learning_rate=5e-4"]))
+    assert changed["stages"]["sft"]["config_hash"] != entry["config_hash"]
+
+
+def test_interrupted_stage_resumes_from_last_checkpoint(small_sft_recipe):
+    path, raw = small_sft_recipe
+    run_recipe(load_recipe(path))
+    manifest_path = path.parent / "run" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["stages"]["sft"]["status"] = "interrupted"  # as if the process died after its last checkpoint
+    manifest_path.write_text(json.dumps(manifest))
+    again = run_recipe(load_recipe(path))["stages"]["sft"]
+    assert again["status"] == "completed" and again["resumed_from"].endswith("checkpoint-2")
+
+
+def test_bad_data_fails_clearly_and_writes_no_output(small_sft_recipe):
+    path, raw = small_sft_recipe
+    data = raw["stages"][0]["data"]["sources"][0]["path"]
+    with open(data, "a") as f:
+        f.write('{"messages": [}\n')
+    with pytest.raises(DataError, match=r"sft.jsonl:49: invalid JSON"):
+        run_recipe(load_recipe(path))
+    assert _manifest(raw)["stages"]["sft"]["status"] == "failed"
+    assert not (path.parent / "run" / "sft" / "final").exists()
+
+
+def test_cli_one_line_for_bad_data_and_unbuilt_stage(small_sft_recipe):
+    path, raw = small_sft_recipe
+    raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft"})
+    path.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "qwen_align.cli", "run", str(path), "--only", "dpo"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "has not completed" in proc.stderr and "Traceback" not in proc.stderr
+
+    with open(raw["stages"][0]["data"]["sources"][0]["path"], "a") as f:
+        f.write("not json\n")
+    proc = subprocess.run([sys.executable, "-m", "qwen_align.cli", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "sft.jsonl:49" in proc.stderr
+
+
+def test_unbuilt_stage_kind_fails_with_one_clear_line(small_sft_recipe):
+    path, raw = small_sft_recipe
+    raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft"})
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(StageNotBuiltError, match="kind 'dpo' is not built yet"):
+        run_recipe(load_recipe(path))
+    assert _manifest(raw)["stages"]["sft"]["status"] == "completed"
+
+
+def test_fused_loss_trains_like_trl_loss(small_sft_recipe):
+    """One step with our fused loss and one with TRL's own: same loss and same updated weights."""
+    path, raw = small_sft_recipe
+    results = {}
+    for fused in (True, False):
+        recipe = load_recipe(path, [f"stages.sft.fused_loss={str(fused).lower()}", "stages.sft.max_steps=1",
+                                    f"run_dir={raw['run_dir']}-{fused}"])
+        entry = run_recipe(recipe)["stages"]["sft"]
+        results[fused] = (entry["metrics"]["train_loss"], AutoModelForCausalLM.from_pretrained(entry["output"]))
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
+    for (n, a), (_, b) in zip(results[True][1].named_parameters(), results[False][1].named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
