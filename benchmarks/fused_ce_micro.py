@@ -7,12 +7,16 @@ Variants (each run in a fresh subprocess so ``ru_maxrss`` is its own peak):
   ``SFTTrainer`` (``outputs=("log_probs", "entropy", "is_top1")``, vocab tile ``_CHUNKED_LOGPROB_CHUNK_SIZE``; on CPU
   every position is scored, not only the valid ones)
 * ``plain`` - ``F.cross_entropy(hidden @ W.T, labels)`` on the full logits (only for N <= 4096)
+* ``model-ours`` / ``model-trl`` - one whole training step (forward, backward, AdamW) of a tiny full-vocab Qwen2
+  (2 layers, hidden H, 4 heads / 2 KV heads, intermediate 4H, tied embeddings) on one N-token sequence, with
+  ``causal_lm_loss`` vs. TRL's ``add_fused_lm_head`` forward as ``SFTTrainer`` patches it (not run by default)
 
 Usage::
 
     python benchmarks/fused_ce_micro.py                 # N=4096 and 8192, H=64, V=151936, fp32
     python benchmarks/fused_ce_micro.py --sweep 64,128,256,512,1024   # our chunk-size sweep
     python benchmarks/fused_ce_micro.py --tokens 32768 --variants ours
+    python benchmarks/fused_ce_micro.py --variants model-ours,model-trl --reps 2
 
 ``rss_base`` is the process RSS after building the inputs (interpreter + torch + tensors); ``rss_peak`` is
 ``ru_maxrss``; ``extra`` = peak - base is what the loss itself added.
@@ -84,6 +88,51 @@ def _worker(variant: str, n: int, h: int, v: int, chunk: int | None, reps: int, 
             loss.backward()
             return loss
 
+    elif variant in ("model-ours", "model-trl"):
+        # One full training step (forward, backward, AdamW) of the tiny full-vocab Qwen2 the SFT stage is measured on.
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        config = Qwen2Config(
+            vocab_size=v,
+            hidden_size=h,
+            intermediate_size=4 * h,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=max(n, 4096),
+        )
+        model = Qwen2ForCausalLM(config)
+        model.train()
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        input_ids = torch.randint(0, v, (1, n))
+        batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+        if variant == "model-ours":
+            sys.path.insert(0, REPO_ROOT)
+            from qwen_align.losses import causal_lm_loss, default_chunk_size
+
+            used_chunk = chunk or default_chunk_size(v)
+
+            def step():
+                loss, _ = causal_lm_loss(model, batch, chunk_size=chunk)
+                loss.backward()
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                return loss
+
+        else:
+            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, add_fused_lm_head
+
+            used_chunk = _CHUNKED_LOGPROB_CHUNK_SIZE
+            add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
+
+            def step():
+                loss = model(**batch, fused_lm_head=True).loss
+                loss.backward()
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                return loss
+
     elif variant == "plain":
         used_chunk = None
 
@@ -114,7 +163,7 @@ def _worker(variant: str, n: int, h: int, v: int, chunk: int | None, reps: int, 
         "rss_base_mb": rss_base,
         "rss_peak_mb": peak,
         "extra_mb": peak - rss_base,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
     }
 
 
@@ -196,13 +245,15 @@ def main():
         for variant in variants:
             if variant == "plain" and n > args.plain_max_tokens:
                 continue
-            results[variant] = r = run_variant(variant, n, chunk=args.chunk if variant == "ours" else None, **common)
+            results[variant] = r = run_variant(variant, n, chunk=args.chunk if variant in ("ours", "model-ours") else None, **common)
             print(_fmt(r), flush=True)
         line = f"N={n}:"
-        if "ours" in results:
-            o = results["ours"]
-            line += f" ours {o['time_min']:.2f}s {o['rss_peak_mb']:.0f}MiB"
-            for other in ("trl", "plain"):
+        for mine, others in (("ours", ("trl", "plain")), ("model-ours", ("model-trl",))):
+            if mine not in results:
+                continue
+            o = results[mine]
+            line += f" {mine} {o['time_min']:.2f}s {o['rss_peak_mb']:.0f}MiB"
+            for other in others:
                 if other in results:
                     r = results[other]
                     line += (

@@ -45,11 +45,12 @@ __all__ = [
 _LOG2E = 1.4426950408889634  # log2(e)
 _LN2 = math.log(2.0)
 
-# Target size of the per-chunk [chunk, V] fp32 logits buffer. Measured on a 2-core AMD EPYC (Zen 4, 32 MiB L3) with
-# V=151,936 and H=64 (see benchmarks/fused_ce_micro.py --sweep): 256 tokens (~148 MiB) was the fastest or within noise
-# of it; smaller chunks lose GEMM efficiency and re-stream the [V, H] weight-gradient accumulator once per chunk, while
-# larger ones only add memory.
-DEFAULT_CPU_CHUNK_BYTES = 160 * 2**20
+# Target size of the per-chunk [chunk, V] fp32 logits buffer. Tuned on a 2-core AMD EPYC (Zen 4, 32 MiB L3) with
+# V=151,936 and H=64 (benchmarks/fused_ce_micro.py --sweep): 256 tokens (~148 MiB) was the fastest chunk or within noise
+# of it. The three GEMMs dominate (~85% of the time); with fewer than ~128 tokens per chunk their efficiency drops
+# (the forward GEMM is ~25% slower at 64 tokens and ~50% slower at 32) and the [V, H] weight-gradient accumulator is
+# re-streamed once per chunk, while chunks above ~512 tokens are no faster and only cost memory.
+DEFAULT_CPU_CHUNK_BYTES = 150 * 2**20
 DEFAULT_CUDA_CHUNK_BYTES = 256 * 2**20
 # Candidate rows (target logit == row max) are re-checked with an exact argmax in groups of this many rows, so the
 # temporary copy stays small.
@@ -231,8 +232,8 @@ def fused_linear_cross_entropy(
         ignore_index: label value to skip.
         num_items_in_batch: denominator of the summed token loss (e.g. the global token count under gradient
             accumulation). Defaults to the number of valid tokens here; a zero/absent count is clamped to 1.
-        chunk_size: valid tokens per chunk; ``None`` picks :func:`default_chunk_size` (a ~160 MiB fp32 buffer on
-            CPU, ~256 MiB on CUDA).
+        chunk_size: valid tokens per chunk; ``None`` picks :func:`default_chunk_size` (a ~150 MiB fp32 buffer on
+            CPU, i.e. 256 tokens at V=151,936; ~256 MiB on CUDA).
 
     Returns:
         ``(loss, stats)`` where ``loss`` is an fp32 scalar and ``stats`` holds detached tensors ``num_tokens`` (valid
@@ -351,7 +352,8 @@ def _liger_loss(fn, hidden, weight, bias, labels, ignore_index, num_items_in_bat
         kwargs["return_token_accuracy"] = True
     valid = labels != ignore_index
     num_valid = int(valid.sum())
-    out = fn(hidden, weight, labels, bias, **kwargs)
+    # Only the valid rows are projected (the caller routes all-ignored batches to the torch path).
+    out = fn(hidden[valid], weight, labels[valid], bias, **kwargs)
     if isinstance(out, torch.Tensor):
         loss_sum, accuracy = out, None
     elif hasattr(out, "loss"):

@@ -340,3 +340,62 @@ def test_causal_lm_loss_peft_lora(tiny_qwen2):
     loss.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
     _assert_grads_close(_param_grads(model), ref_grads)
+
+
+def test_liger_glue_with_fake_kernel():
+    """The CUDA/Liger branch cannot run here; check its argument/return handling against a stand-in kernel."""
+    from dataclasses import dataclass
+
+    from qwen_align.losses import _liger_loss
+
+    @dataclass
+    class Out:
+        loss: torch.Tensor
+        z_loss: torch.Tensor | None = None
+        token_accuracy: torch.Tensor | None = None
+
+    calls = {}
+
+    def fake_flce(  # the signature of liger_kernel.transformers.functional.liger_fused_linear_cross_entropy
+        input,
+        weight,
+        target,
+        bias=None,
+        ce_weight=None,
+        ignore_index=-100,
+        lse_square_scale=0.0,
+        label_smoothing=0.0,
+        reduction="mean",
+        softcap=None,
+        return_z_loss=False,
+        accum_dtype=None,
+        use_token_scaling=False,
+        return_token_accuracy=False,
+    ):
+        calls.update(n=input.shape[0], reduction=reduction, acc=return_token_accuracy, accum_dtype=accum_dtype)
+        logits = input @ weight.t() + (0 if bias is None else bias)
+        loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+        valid = target != ignore_index
+        acc = (logits.argmax(1) == target)[valid].float().mean()
+        return Out(loss=loss, token_accuracy=acc) if return_token_accuracy else loss
+
+    hidden, weight, bias, labels = _data()
+    loss, stats = _liger_loss(fake_flce, hidden, weight, bias, labels, -100, None)
+    ours, our_stats = fused_linear_cross_entropy(hidden, weight, labels, bias=bias)
+    assert calls == {"n": int((labels != -100).sum()), "reduction": "sum", "acc": True, "accum_dtype": torch.float32}
+    torch.testing.assert_close(loss, ours, rtol=1e-5, atol=1e-5)
+    assert int(stats["num_tokens"]) == int(our_stats["num_tokens"])
+    assert int(stats["num_correct"]) == int(our_stats["num_correct"])
+    for got, want in zip(_grads(loss, (hidden, weight, bias)), _grads(ours, (hidden, weight, bias))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_lora_on_lm_head_is_rejected(tiny_qwen2):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    model = peft.get_peft_model(copy.deepcopy(tiny_qwen2), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    ids = torch.randint(0, 300, (1, 8))
+    with pytest.raises(NotImplementedError, match="LM head"):
+        causal_lm_loss(model, {"input_ids": ids, "labels": ids})

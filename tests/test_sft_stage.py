@@ -117,3 +117,12 @@ def test_fused_loss_trains_like_trl_loss(small_sft_recipe):
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
     for (n, a), (_, b) in zip(results[True][1].named_parameters(), results[False][1].named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_lora_sft_saves_a_merged_plain_checkpoint(small_sft_recipe):
+    path, raw = small_sft_recipe
+    recipe = load_recipe(path, ["stages.sft.lora.r=4", "stages.sft.max_steps=1"])
+    entry = run_recipe(recipe)["stages"]["sft"]
+    model = AutoModelForCausalLM.from_pretrained(entry["output"])
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert entry["status"] == "completed"

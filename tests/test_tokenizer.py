@@ -455,3 +455,27 @@ def test_load_pads_with_eos_without_endoftext(tmp_path):
         str(tmp_path / "w")
     )
     assert qt.load_tokenizer(tmp_path / "w").pad_token == "</s>"
+
+
+@needs_qwen_vocab
+def test_cli_tokenizer_build_writes_a_loadable_folder(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from qwen_align.cli import main
+
+    assert main(["tokenizer", "build", "--out", str(tmp_path / "tok")]) == 0
+    assert "[9707, 1879, 0]" in capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok("Hello world!")["input_ids"] == [9707, 1879, 0]
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [151644, 151645]
+
+
+def test_cli_tokenizer_build_bad_ranks_file_is_one_line(tmp_path, capsys):
+    from qwen_align.cli import main
+
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("not base64 !!\n")
+    assert main(["tokenizer", "build", "--out", str(tmp_path / "tok"), "--tiktoken", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "bad.tiktoken" in err and "\n" not in err
+    assert not (tmp_path / "tok").exists()
