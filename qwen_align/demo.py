@@ -3,7 +3,7 @@
     python -m qwen_align.demo --out recipes/demo_data
 
 Two task families:
-- arithmetic word problems with a numeric answer (verifier `exact`);
+- two-digit sums and differences, bare or as word problems, with a numeric answer (verifier `exact`);
 - small Python functions with unit tests (verifier `code`, checked by the sandboxed code verifier).
 Files: sft.jsonl (training conversations), heldout.jsonl (arithmetic prompts + answers),
 heldout_code.jsonl (code prompts + tests), prompts.jsonl (fresh prompts for sampling stages),
@@ -24,38 +24,35 @@ from .fsutil import atomic_write_text
 NAMES = ["Tom", "Ana", "Li", "Sam", "Mia", "Omar", "Eva", "Raj", "Zoe", "Ben"]
 ITEMS = ["apple", "book", "coin", "pen", "card", "shell", "stamp", "marble"]
 
+# Short task instructions. SFT rows carry none: the recipe's system-prompt pool (system_prompts.txt) gives each one
+# of these, as the report's "robust system instruction" does; evaluation and sampling rows name one explicitly.
 SYSTEM_PROMPTS = [
-    "You are a careful math tutor. Answer with the number only.",
-    "You are a helpful assistant.",
-    "Answer concisely.",
-    "You write short, correct Python.",
+    "Answer with the number only.",
+    "Reply with just the number.",
+    "Give only the final number.",
 ]
+CODE_SYSTEM_PROMPT = "You write short, correct Python."
 
 
 def _math_problem(rng: random.Random) -> tuple[str, int, str]:
-    """(question, answer, key) — key identifies the problem so held-out sets stay disjoint from training."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    kind = rng.choice(["add", "sub", "mul", "plain_add", "plain_mul"])
+    """(question, answer, key) — key identifies the problem so held-out sets stay disjoint from training.
+
+    Mostly bare sums and differences of two-digit numbers, plus a tenth of word problems of the same
+    arithmetic (harder for a tiny model: the numbers move around). A 1M-parameter model learns the mix to a
+    middling accuracy in a few minutes of CPU, leaving room for the RL stages.
+    """
+    kind = rng.choices(["plain_add", "plain_sub", "add", "sub"], weights=[6, 3, 0.5, 0.5])[0]
     a, b = rng.randint(10, 99), rng.randint(10, 99)
-    if kind == "add":
-        q = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?"
-        ans = a + b
-    elif kind == "sub":
+    if kind.endswith("sub"):
         a, b = max(a, b), min(a, b)
-        q = f"{name} has {a} {item}s and gives away {b}. How many {item}s are left?"
-        ans = a - b
-    elif kind == "mul":
-        b = rng.randint(2, 9)
-        q = f"There are {a} boxes with {b} {item}s in each box. How many {item}s are there in total?"
-        ans = a * b
-    elif kind == "plain_add":
-        q = f"What is {a}+{b}?"
-        ans = a + b
-    else:
-        b = rng.randint(2, 9)
-        q = f"What is {a}*{b}?"
-        ans = a * b
-    return q, ans, f"{kind}:{a}:{b}"
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    question = {
+        "plain_add": f"What is {a}+{b}?",
+        "plain_sub": f"What is {a}-{b}?",
+        "add": f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have now?",
+        "sub": f"{name} has {a} {item}s and gives away {b}. How many {item}s are left?",
+    }[kind]
+    return question, a + b if kind.endswith("add") else a - b, f"{kind}:{a}:{b}"
 
 
 OPS = {
@@ -89,22 +86,26 @@ def _unique(gen, rng: random.Random, n: int, taken: set[str]) -> Iterator[tuple]
         yield item
 
 
-def build_rows(seed: int = 0, n_math: int = 4000, n_code: int = 600) -> dict[str, list[dict[str, Any]]]:
+def _prompt(question: str, system: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def build_rows(seed: int = 0, n_math: int = 6000, n_code: int = 400) -> dict[str, list[dict[str, Any]]]:
     rng = random.Random(seed)
     taken_math: set[str] = set()
     taken_code: set[str] = set()
     # Held-out first, so training never sees those problems.
     heldout = [
-        {"messages": [{"role": "user", "content": q}], "verifier": "exact", "answer": str(a), "family": "arithmetic"}
+        {"messages": _prompt(q, SYSTEM_PROMPTS[0]), "verifier": "exact", "answer": str(a), "family": "arithmetic"}
         for q, a, _ in _unique(_math_problem, rng, 200, taken_math)
     ]
     heldout_code = [
-        {"messages": [{"role": "user", "content": q}], "verifier": "code", "tests": t, "entry_point": f,
+        {"messages": _prompt(q, CODE_SYSTEM_PROMPT), "verifier": "code", "tests": t, "entry_point": f,
          "family": "code"}
         for q, _, t, f, _ in _unique(_code_problem, rng, 30, taken_code)
     ]
     prompts = [
-        {"messages": [{"role": "user", "content": q}], "verifier": "exact", "answer": str(a), "family": "arithmetic"}
+        {"messages": _prompt(q, SYSTEM_PROMPTS[0]), "verifier": "exact", "answer": str(a), "family": "arithmetic"}
         for q, a, _ in _unique(_math_problem, rng, 1024, taken_math)
     ]
     sft = [
@@ -115,7 +116,7 @@ def build_rows(seed: int = 0, n_math: int = 4000, n_code: int = 600) -> dict[str
     for _ in range(n_code):
         q, sol, _, _, key = _code_problem(rng)
         if key not in taken_code:
-            sft.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": sol}]})
+            sft.append({"messages": [*_prompt(q, CODE_SYSTEM_PROMPT), {"role": "assistant", "content": sol}]})
     rng.shuffle(sft)
     return {"sft": sft, "heldout": heldout, "heldout_code": heldout_code, "prompts": prompts}
 
@@ -135,8 +136,8 @@ def write_demo_data(out: Path, seed: int = 0) -> None:
     # Train the tokenizer on what the model will read, weighted as it reads it: every example also carries
     # role names and a system prompt (mostly the template's default one).
     texts = [m["content"] for r in rows["sft"] for m in r["messages"]]
-    texts += ["system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\nuser\nassistant\n"] * 2000
-    texts += SYSTEM_PROMPTS * 200
+    texts += ["system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\nuser\nassistant\n"] * 500
+    texts += (SYSTEM_PROMPTS + [CODE_SYSTEM_PROMPT]) * 1000
     tokenizer = train_demo_tokenizer(texts, vocab_size=512)
     save_tokenizer(tokenizer, out / "tokenizer")
     print(f"wrote {out}: " + ", ".join(f"{k} {len(v)}" for k, v in rows.items()) + f", tokenizer {len(tokenizer)}")

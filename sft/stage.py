@@ -65,6 +65,11 @@ def run(stage: Config, context: StageContext) -> StageResult:
         f"no target left {lengths.dropped_no_target}, bad rows skipped {data_report['bad_rows_skipped']})"
     )
     model = context.load_policy(stage, tokenizer)
+    attn = model.config._attn_implementation
+    if stage.packing and "flash" not in attn:
+        log.warning("packing with %s attention: each packed row attends through a block-diagonal mask, so its cost "
+                    "grows with the square of max_length; flash_attention_2 (GPU) skips the masked blocks, and "
+                    "`packing: false` suits short examples on CPU", attn)
     peft_config = None
     if stage.lora is not None:
         from peft import LoraConfig

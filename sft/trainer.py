@@ -26,7 +26,8 @@ class FusedLossSFTTrainer(SFTTrainer):
         num_valid = self.accelerator.gather_for_metrics(stats["num_tokens"].detach().reshape(1)).sum()
         num_correct = self.accelerator.gather_for_metrics(stats["num_correct"].detach().reshape(1)).sum()
         accuracy = (num_correct / num_valid).item() if num_valid > 0 else 0.0
-        self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+        if accuracy == accuracy:  # NaN when the kernel (an old Liger) does not report top-1 counts
+            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
         if mode == "train":
             if "attention_mask" in inputs:
                 local = inputs["attention_mask"].sum()
