@@ -55,18 +55,7 @@ FIRST_CONTROL_TOKEN_ID = 151643
 # Qwen2.5-Instruct's tokenizer_config.json marks these "special": false.  They are still single,
 # never-split tokens, but decode(skip_special_tokens=True) keeps them, so a decoded tool call
 # still reads "<tool_call>...</tool_call>".
-NON_SPECIAL_CONTROL_TOKENS: frozenset[str] = frozenset(
-    {
-        "<tool_call>",
-        "</tool_call>",
-        "<|fim_prefix|>",
-        "<|fim_middle|>",
-        "<|fim_suffix|>",
-        "<|fim_pad|>",
-        "<|repo_name|>",
-        "<|file_sep|>",
-    }
-)
+NON_SPECIAL_CONTROL_TOKENS: frozenset[str] = frozenset(CONTROL_TOKENS[CONTROL_TOKENS.index("<tool_call>") :])
 
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
