@@ -44,7 +44,7 @@ def iter_rows(path: str | Path, split: str = "train") -> Iterator[Row]:
         yield from _iter_saved_dataset(p, split)
         return
     if not p.exists():
-        if _looks_like_hub_name(str(path)) and not _offline():
+        if looks_like_hub_name(str(path)) and not _offline():
             yield from _iter_hub(str(path), split)
             return
         raise DataError(f"{path}: data file not found")
@@ -117,9 +117,10 @@ def _iter_saved_dataset(p: Path, split: str) -> Iterator[Row]:
         yield Row(item, f"{p}[{i}]")
 
 
-def _looks_like_hub_name(name: str) -> bool:
+def looks_like_hub_name(name: str) -> bool:
+    """'org/dataset' (no file suffix, not a relative or absolute path)."""
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not Path(parts[1]).suffix
 
 
 def _offline() -> bool:

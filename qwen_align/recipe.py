@@ -308,9 +308,10 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         if candidate.is_absolute():
             return str(candidate)
         resolved = (base / candidate).resolve()
-        # A non-existing relative path might be a hub name ("org/name"); keep it as written then.
-        return str(resolved) if resolved.exists() or "/" not in p or p.startswith(".") else p
+        # A non-existing "org/name" may be a hub dataset; keep it as written then.
+        return p if not resolved.exists() and looks_like_hub_name(p) else str(resolved)
 
+    from .data import looks_like_hub_name
     from .presets import preset_name
 
     if preset_name(recipe.model) is None:

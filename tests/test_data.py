@@ -95,3 +95,15 @@ def test_load_training_rows_reports(tmp_path):
     )
     rows, report = load_training_rows(cfg, seed=0)
     assert len(rows) == 10 and report["bad_rows_skipped"] == 1 and report["system_prompts_added"] == 10
+
+
+def test_a_mistyped_relative_file_is_not_taken_for_a_hub_name(tmp_path):
+    from qwen_align.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text(
+        "model: tiny\nrun_dir: r\nstages:\n  - name: sft\n    kind: sft\n    data: {sources: [{path: data/sft.jsonl}]}\n"
+    )
+    path = load_recipe(tmp_path / "r.yaml").stages[0].data.sources[0].path
+    assert path == str(tmp_path / "data" / "sft.jsonl")
+    with pytest.raises(DataError, match="data file not found"):
+        list(iter_rows(path))
