@@ -64,6 +64,20 @@ class StageContext:
             attn_implementation=stage.attn_implementation, seed=self.seed,
         )
 
+    def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+        """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none."""
+        if stage.task_eval is None:
+            return {}
+        from .generation import load_eval_rows, task_accuracy
+
+        rows = load_eval_rows(stage.task_eval.path, stage.task_eval.limit)
+        model.config.use_cache = True
+        result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size)
+        families = ", ".join(f"{k} {v:.1%}" for k, v in result["by_family"].items())
+        print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts ({families})")
+        self.log_metrics({"stage": stage.name, "heldout_accuracy": result["accuracy"]})
+        return {"heldout_accuracy": result["accuracy"], "heldout": result}
+
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not self.is_main_process:
             return

@@ -9,7 +9,6 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from qwen_align.data import load_training_rows
-from qwen_align.generation import load_eval_rows, task_accuracy
 from qwen_align.model import save_checkpoint
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
@@ -104,15 +103,8 @@ def run(stage: Config, context: StageContext) -> StageResult:
         "data": data_report,
         "lengths": lengths.as_dict(),
     }
-    if stage.task_eval is not None and trainer.accelerator.is_main_process:
-        rows = load_eval_rows(stage.task_eval.path, stage.task_eval.limit)
-        model.config.use_cache = True
-        result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size)
-        metrics["heldout_accuracy"] = result["accuracy"]
-        metrics["heldout"] = result
-        print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts "
-              f"({', '.join(f'{k} {v:.1%}' for k, v in result['by_family'].items())})")
-        context.log_metrics({"stage": stage.name, "heldout_accuracy": result["accuracy"]})
+    if trainer.accelerator.is_main_process:
+        metrics.update(context.evaluate_task(stage, model, tokenizer))
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return StageResult(output=context.output_dir, metrics=metrics)
