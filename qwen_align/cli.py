@@ -52,7 +52,7 @@ def _plan(args) -> None:
         start = stage.init_from or f"{recipe.model} (recipe model)"
         print(f"{i}. {stage.name} [{stage.kind}] from {start}")
         if stage.data:
-            sources = ", ".join(f"{Path(s.path).name} x{s.weight:g}" for s in stage.data.sources)
+            sources = ", ".join(f"{s.describe()} x{s.weight:g}" for s in stage.data.sources)
             print(f"   data: {sources}")
         params = "  ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in stage.key_hyperparameters().items())
         print(f"   {params}")

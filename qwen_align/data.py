@@ -1,7 +1,12 @@
 """Local datasets: read rows with their origin (file:line), validate conversations, mix sources by weight.
 
-Formats: JSONL, JSON (a list of rows, or {"data": [...]}), Parquet, and `datasets.save_to_disk` folders.
+Formats: JSONL, JSON (a list of rows, or {"data": [...]}), Parquet, `datasets.save_to_disk` folders, and
+plain folders of such files (read recursively in name order: sharded outputs, benchmark releases).
 A name that is not a local path is tried as a hub dataset only when the hub is reachable (not offline).
+
+Three row shapes: conversations (`messages`, for SFT), prompts (`messages` without a final assistant turn,
+plus verifier fields, for sampling stages), and preference pairs (`prompt`, `chosen`, `rejected` in TRL's
+format, for DPO and reward models).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 from .errors import DataError
 
 ROLES = {"system", "user", "assistant", "tool"}
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
 
 @dataclass
@@ -41,7 +47,10 @@ def iter_rows(path: str | Path, split: str = "train") -> Iterator[Row]:
     """Yield rows with their origin. Malformed JSON lines raise DataError naming file and line."""
     p = Path(path)
     if p.is_dir():
-        yield from _iter_saved_dataset(p, split)
+        if _is_saved_dataset(p):
+            yield from _iter_saved_dataset(p, split)
+        else:
+            yield from _iter_folder(p, split)
         return
     if not p.exists():
         if looks_like_hub_name(str(path)) and not _offline():
@@ -102,6 +111,23 @@ def _iter_parquet(p: Path) -> Iterator[Row]:
         yield Row(item, f"{p}[{i}]")
 
 
+def _is_saved_dataset(p: Path) -> bool:
+    return any((p / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _iter_folder(p: Path, split: str) -> Iterator[Row]:
+    """Every data file below `p` (hidden files and half-written temporaries skipped), in path order."""
+    files = sorted(
+        f for f in p.rglob("*")
+        if f.is_file() and f.name.endswith(DATA_SUFFIXES)
+        and not any(part.startswith(".") for part in f.relative_to(p).parts)
+    )
+    if not files:
+        raise DataError(f"{p}: folder holds no data files ({', '.join(DATA_SUFFIXES)}) nor a save_to_disk dataset")
+    for f in files:
+        yield from iter_rows(f, split)
+
+
 def _iter_saved_dataset(p: Path, split: str) -> Iterator[Row]:
     import datasets
 
@@ -160,15 +186,56 @@ def conversation_problem(row: dict[str, Any], need_assistant: bool = True) -> st
     return None
 
 
+def _messages_problem(messages: Any, name: str) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"'{name}' must be a non-empty list of {{role, content}}"
+    problem = conversation_problem({"messages": messages}, need_assistant=False)
+    return problem.replace("messages[", f"{name}[") if problem else None
+
+
+def preference_problem(row: dict[str, Any]) -> str | None:
+    """Why `row` is not a TRL preference pair, or None. Accepted: `prompt` (text or messages) with `chosen`
+    and `rejected` (text or assistant messages), or implicit-prompt pairs (whole conversations)."""
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            return f"missing '{key}' (a preference row has prompt, chosen and rejected)"
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        return "'chosen' and 'rejected' must both be text or both be message lists"
+    if isinstance(chosen, str):
+        if prompt is not None and not isinstance(prompt, str):
+            return "'prompt' must be text when chosen/rejected are text"
+        return None
+    for key in ("chosen", "rejected"):
+        problem = _messages_problem(row[key], key)
+        if problem:
+            return problem
+    if prompt is not None:
+        return _messages_problem(prompt, "prompt")
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        return "without 'prompt', chosen and rejected must be whole conversations ending with an assistant turn"
+    return None
+
+
+def prompt_problem(row: dict[str, Any]) -> str | None:
+    """Why `row` is not a prompt for sampling (`messages` ending before the answer), or None."""
+    problem = conversation_problem(row, need_assistant=False)
+    if problem is None and row["messages"][-1]["role"] == "assistant":
+        return "the prompt's last message is an assistant turn; end it with the user turn to answer"
+    return problem
+
+
 def load_conversations(
     path: str | Path, *, split: str = "train", on_bad_rows: str = "error", need_assistant: bool = True,
-    report: LoadReport | None = None,
+    report: LoadReport | None = None, problem_of=None,
 ) -> list[dict[str, Any]]:
+    """Rows of `path` that pass `problem_of` (default: a conversation check); bad rows stop or are counted."""
     report = report if report is not None else LoadReport()
+    problem_of = problem_of or (lambda r: conversation_problem(r, need_assistant))
     rows = []
     for row in iter_rows(path, split):
         report.read += 1
-        problem = conversation_problem(row.data, need_assistant)
+        problem = problem_of(row.data)
         if problem is None:
             rows.append(row.data)
         elif on_bad_rows == "skip":
@@ -218,13 +285,25 @@ def add_system_prompts(rows: list[dict], pool: list[str], probability: float, se
     return added
 
 
-def load_training_rows(config, seed: int, need_assistant: bool = True) -> tuple[list[dict], dict[str, Any]]:
-    """Read, validate and mix a stage's `data` sources (a `recipe.DataConfig`); returns rows and a report."""
+ROW_KINDS = {"conversation": conversation_problem, "prompt": prompt_problem, "preference": preference_problem}
+
+
+def load_training_rows(
+    config, seed: int, need_assistant: bool = True, kind: str = "conversation"
+) -> tuple[list[dict], dict[str, Any]]:
+    """Read, validate and mix a stage's `data` sources (a `recipe.DataConfig`); returns rows and a report.
+
+    `kind` picks the row check: `conversation` (SFT), `prompt` (sampling stages) or `preference` (pairs).
+    System prompts from the pool are added to conversations and prompts only.
+    """
     report = LoadReport()
+    problem_of = ROW_KINDS[kind]
+    if kind == "conversation":
+        problem_of = lambda r: conversation_problem(r, need_assistant)  # noqa: E731
     per_source = []
     for src in config.sources:
         rows = load_conversations(
-            src.path, split=src.split, on_bad_rows=config.on_bad_rows, need_assistant=need_assistant, report=report
+            src.path, split=src.split, on_bad_rows=config.on_bad_rows, report=report, problem_of=problem_of
         )
         if not rows:
             raise DataError(f"{src.path}: no usable rows")
@@ -232,9 +311,11 @@ def load_training_rows(config, seed: int, need_assistant: bool = True) -> tuple[
     mixed = mix_sources(per_source, seed)
     if config.max_examples:
         mixed = mixed[: config.max_examples]
-    with_system = add_system_prompts(
-        mixed, load_system_prompts(config.system_prompts), config.system_prompt_probability, seed
-    )
+    with_system = 0
+    if kind != "preference":
+        with_system = add_system_prompts(
+            mixed, load_system_prompts(config.system_prompts), config.system_prompt_probability, seed
+        )
     summary = {
         "rows_read": report.read,
         "bad_rows_skipped": report.skipped_bad,

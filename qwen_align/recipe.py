@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from . import registry
 from .errors import RecipeError
@@ -26,11 +26,34 @@ class Strict(BaseModel):
 
 
 class DataSource(Strict):
-    path: str = Field(description="Local JSONL/JSON/Parquet file or `save_to_disk` folder (or a hub name when online).")
+    path: str | None = Field(
+        None, description="Local JSONL/JSON/Parquet file, folder of them, or `save_to_disk` folder (or a hub name "
+        "when online). With `stage`: a file or folder inside that stage's output."
+    )
+    stage: str | None = Field(
+        None, description="Read an earlier stage's output instead, e.g. the rejection_sampling stage's pairs."
+    )
+    output: str | None = Field(
+        None, description="With `stage`: which of its named outputs (rejection_sampling: `pairs`, `sft`); "
+        "default: its main output."
+    )
     weight: float = Field(
         1.0, gt=0, description="Multiplier on this source's examples: 0.5 takes a seeded half, 2 repeats it twice."
     )
     split: str = Field("train", description="Split to read from a DatasetDict folder or a hub dataset.")
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if self.stage is None and self.path is None:
+            raise ValueError("give `path` (a file or folder) or `stage` (an earlier stage's output)")
+        if self.output is not None and self.stage is None:
+            raise ValueError("`output` names an output of `stage`; give `stage` too")
+        return self
+
+    def describe(self) -> str:
+        if self.stage is None:
+            return Path(self.path).name
+        return f"stage {self.stage}" + (f" ({self.output})" if self.output else "")
 
 
 class DataConfig(Strict):
@@ -325,7 +348,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         names.add(stage.name)
         if stage.data:
             for src in stage.data.sources:
-                src.path = fix(src.path)
+                if src.path is not None and src.stage is None:
+                    src.path = fix(src.path)
             if isinstance(stage.data.system_prompts, str):
                 stage.data.system_prompts = fix(stage.data.system_prompts)
         if stage.task_eval:
@@ -343,11 +367,23 @@ def _check_chain(recipe: Recipe, lines: dict[tuple, int], base_dir: Path) -> Non
             if later or not (base_dir / Path(ref).expanduser()).exists():
                 why = "names a later stage" if later else "is neither an earlier stage nor an existing path"
                 raise _error_line(recipe.source, ("stages", i, "init_from"), lines, f"{ref!r} {why}")
+        for j, src in enumerate(stage.data.sources if stage.data else []):
+            if src.stage is not None and src.stage not in seen:
+                why = "names a later stage" if any(s.name == src.stage for s in recipe.stages) else "is not a stage"
+                where = ("stages", i, "data", "sources", j, "stage")
+                raise _error_line(recipe.source, where, lines, f"{src.stage!r} {why}; name an earlier stage")
         seen.add(stage.name)
 
 
+def upstream_stages(stage: StageConfig) -> list[str]:
+    """Names of the stages whose outputs this stage reads: its `init_from` and its data sources' `stage`."""
+    names = [stage.init_from] if stage.init_from else []
+    names += [src.stage for src in (stage.data.sources if stage.data else []) if src.stage]
+    return names
+
+
 def stage_hash(recipe: Recipe, stage: StageConfig, upstream_hash: str | None) -> str:
-    """Identity of a stage's work: its options, where it starts from, and the recipe-wide settings."""
+    """Identity of a stage's work: its options, what it starts from and reads, the recipe-wide settings."""
     payload = {
         "stage": stage.model_dump(mode="json"),
         "model": recipe.model,

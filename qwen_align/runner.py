@@ -23,7 +23,7 @@ from typing import Any
 from . import registry
 from .errors import RecipeError
 from .fsutil import atomic_write_json
-from .recipe import Recipe, StageConfig, stage_hash
+from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
 from .stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None 
 
     hashes: dict[str, str] = {}
     for stage in recipe.stages:
-        upstream = hashes.get(stage.init_from) if stage.init_from else None
+        upstream = ",".join(hashes.get(name, name) for name in upstream_stages(stage)) or None
         hashes[stage.name] = stage_hash(recipe, stage, upstream)
         if stage.name not in selected:
             continue
@@ -111,18 +111,37 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None 
 def _init_source(recipe: Recipe, stage: StageConfig, manifest: Manifest) -> str:
     if stage.init_from is None:
         return recipe.model
-    upstream = manifest.entry(stage.init_from)
     if any(s.name == stage.init_from for s in recipe.stages):
-        if not upstream or upstream.get("status") != "completed":
-            raise RecipeError(
-                f"stage '{stage.name}' starts from stage '{stage.init_from}', which has not completed in "
-                f"{recipe.run_dir}; run it first"
-            )
-        return upstream["output"]
+        return _completed_output(recipe, manifest, stage.name, stage.init_from)
     return stage.init_from  # a path, checked when the recipe was loaded
 
 
+def _completed_output(recipe: Recipe, manifest: Manifest, reader: str, name: str, output: str | None = None) -> str:
+    entry = manifest.entry(name)
+    if not entry or entry.get("status") != "completed":
+        raise RecipeError(f"stage '{reader}' reads stage '{name}', which has not completed in {recipe.run_dir}; run it first")
+    if output is None:
+        return entry["output"]
+    outputs = entry.get("outputs") or {}
+    if output not in outputs:
+        raise RecipeError(f"stage '{reader}': stage '{name}' has no output '{output}' (it has: {', '.join(outputs) or 'none'})")
+    return outputs[output]
+
+
+def _with_stage_sources(recipe: Recipe, stage: StageConfig, manifest: Manifest) -> StageConfig:
+    """A copy of `stage` whose data sources that name an earlier stage point at that stage's output."""
+    if not stage.data or not any(src.stage for src in stage.data.sources):
+        return stage
+    stage = stage.model_copy(deep=True)
+    for src in stage.data.sources:
+        if src.stage:
+            base = Path(_completed_output(recipe, manifest, stage.name, src.stage, src.output))
+            src.path = str(base / src.path) if src.path else str(base)
+    return stage
+
+
 def _run_stage(recipe: Recipe, stage: StageConfig, config_hash: str, manifest: Manifest, run_dir: Path) -> None:
+    stage = _with_stage_sources(recipe, stage, manifest)
     stage_dir = run_dir / stage.name
     entry = manifest.entry(stage.name) or {}
     resume = None
@@ -155,7 +174,8 @@ def _run_stage(recipe: Recipe, stage: StageConfig, config_hash: str, manifest: M
             manifest.update(stage.name, status="failed", error=f"{type(e).__name__}: {e}"[:2000], finished_at=_now())
             raise
     manifest.update(
-        stage.name, status="completed", output=str(result.output), metrics=result.metrics, finished_at=_now()
+        stage.name, status="completed", output=str(result.output),
+        outputs={k: str(v) for k, v in result.outputs.items()}, metrics=result.metrics, finished_at=_now(),
     )
     print(f"[{stage.name}] done: {result.output}")
 

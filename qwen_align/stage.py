@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StageResult:
-    output: Path  # the stage's output checkpoint (or dataset) directory
+    output: Path  # the stage's main output: a checkpoint (or dataset) directory
     metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)  # further named outputs a later stage may read
 
 
 @dataclass

@@ -107,3 +107,48 @@ def test_a_mistyped_relative_file_is_not_taken_for_a_hub_name(tmp_path):
     assert path == str(tmp_path / "data" / "sft.jsonl")
     with pytest.raises(DataError, match="data file not found"):
         list(iter_rows(path))
+
+
+def test_folder_of_shards_reads_every_data_file_in_order_and_skips_temporaries(tmp_path):
+    shards = tmp_path / "out"
+    (shards / "sub").mkdir(parents=True)
+    write_jsonl(shards / "part-00001.jsonl", ROWS[2:])
+    write_jsonl(shards / "part-00000.jsonl", ROWS[:2])
+    write_jsonl(shards / ".part-00002.jsonl.tmp", ROWS)  # a half-written shard
+    (shards / "stats.txt").write_text("not data")
+    rows = [r.data for r in iter_rows(shards)]
+    assert rows == ROWS
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="folder holds no data files"):
+        list(iter_rows(empty))
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"prompt": "q", "chosen": "a"}, "missing 'rejected'"),
+        ({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "both be text"),
+        ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}, "'prompt' must be text"),
+        ({"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": [{"role": "assistant", "content": "b"}]},
+         "'chosen' must be a non-empty list"),
+        ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]},
+         "whole conversations ending with an assistant turn"),
+    ],
+)
+def test_preference_rows_are_checked(tmp_path, row, reason):
+    good = {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}]}
+    p = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    cfg = DataConfig(sources=[DataSource(path=str(p))])
+    with pytest.raises(DataError, match=rf"pairs.jsonl:2: .*{reason}"):
+        load_training_rows(cfg, seed=0, kind="preference")
+    rows, report = load_training_rows(cfg.model_copy(update={"on_bad_rows": "skip"}), seed=0, kind="preference")
+    assert rows == [good] and report["bad_rows_skipped"] == 1
+
+
+def test_prompt_rows_must_end_before_the_answer(tmp_path):
+    p = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "q"}], "verifier": "exact"},
+                                                 ROWS[0]])
+    with pytest.raises(DataError, match="prompts.jsonl:2: the prompt's last message is an assistant turn"):
+        load_training_rows(DataConfig(sources=[DataSource(path=str(p))]), seed=0, kind="prompt")

@@ -156,3 +156,24 @@ def test_readme_recipe_reference_is_current():
     text = (REPO / "README.md").read_text()
     block = text[text.index(START) : text.index(END) + len(END)]
     assert block == render(), "run: python -m qwen_align.reference --write README.md"
+
+
+def test_data_source_may_name_an_earlier_stage(tmp_path):
+    from qwen_align.recipe import validate_recipe
+
+    def recipe(source):
+        return {"model": "tiny", "run_dir": "r", "stages": [
+            {"name": "a", "kind": "sft", "data": {"sources": [{"path": str(tmp_path)}]}},
+            {"name": "b", "kind": "reward_model", "data": {"sources": [source]}},
+        ]}
+
+    ok = validate_recipe(recipe({"stage": "a", "output": "pairs"}), "r.yaml")
+    assert ok.stages[1].data.sources[0].stage == "a" and ok.stages[1].data.sources[0].path is None
+    with pytest.raises(RecipeError, match=r"stages\[1\].data.sources\[0\].stage: 'b' names a later stage|'b' is not"):
+        validate_recipe(recipe({"stage": "b"}), "r.yaml")
+    with pytest.raises(RecipeError, match="'zzz' is not a stage"):
+        validate_recipe(recipe({"stage": "zzz"}), "r.yaml")
+    with pytest.raises(RecipeError, match="give `path`"):
+        validate_recipe(recipe({"weight": 2}), "r.yaml")
+    with pytest.raises(RecipeError, match="give `stage` too"):
+        validate_recipe(recipe({"path": str(tmp_path), "output": "pairs"}), "r.yaml")

@@ -115,8 +115,13 @@ def test_fused_loss_trains_like_trl_loss(small_sft_recipe):
         entry = run_recipe(recipe)["stages"]["sft"]
         results[fused] = (entry["metrics"]["train_loss"], AutoModelForCausalLM.from_pretrained(entry["output"]))
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
+    # Adam's first step moves each weight by about lr * sign(grad), so a gradient within float noise of zero
+    # can flip sign between the two (equal up to summation order) losses: allow that for a few entries only.
+    lr = raw["stages"][0]["learning_rate"]
     for (n, a), (_, b) in zip(results[True][1].named_parameters(), results[False][1].named_parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+        off = ~torch.isclose(a, b, rtol=1e-4, atol=1e-5)
+        assert off.float().mean() < 1e-3, n
+        assert (a - b).abs().max() <= 2 * lr * 1.01, n
 
 
 def test_lora_sft_saves_a_merged_plain_checkpoint(small_sft_recipe):

@@ -1,12 +1,14 @@
 """Checks of a response against a dataset row: `verify(example, response) -> VerifyResult`.
 
-`example["verifier"]` picks the check. Built so far: `exact` (the stripped response equals
-`example["answer"]`; numbers compare by value) and `regex` (`example["pattern"]` must match the whole
-stripped response). More checks (math, code, ifeval) register in `CHECKS`.
+`example["verifier"]` picks the check: `exact` (the stripped response equals `example["answer"]`; numbers
+compare by value), `regex` (`example["pattern"]` must match the whole stripped response), and the heavier
+checks, each in its own module and imported on first use: `math` (`math.py`), `code` (`code.py`, run in the
+sandbox of `sandbox.py`) and `ifeval` (`ifeval.py`).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,10 +52,26 @@ def check_regex(example: dict[str, Any], response: str) -> VerifyResult:
     return _result(ok, "matches the pattern" if ok else "does not match the pattern")
 
 
-CHECKS: dict[str, Callable[[dict[str, Any], str], VerifyResult]] = {
+Check = Callable[[dict[str, Any], str], VerifyResult]
+
+CHECKS: dict[str, Check | str] = {
     "exact": check_exact,
     "regex": check_regex,
+    # "module:function", imported on first use so light callers do not pay for sympy or the sandbox.
+    "math": "qwen_align.verifiers.math:check_math",
+    "code": "qwen_align.verifiers.code:check_code",
+    "ifeval": "qwen_align.verifiers.ifeval:check_ifeval",
 }
+
+
+def get_check(name: Any) -> Check:
+    if name not in CHECKS:
+        raise DataError(f"unknown verifier {name!r}; available: {', '.join(CHECKS)}")
+    check = CHECKS[name]
+    if isinstance(check, str):
+        module, func = check.split(":")
+        check = CHECKS[name] = getattr(importlib.import_module(module), func)
+    return check
 
 
 def _field(example: dict[str, Any], name: str) -> Any:
@@ -63,7 +81,4 @@ def _field(example: dict[str, Any], name: str) -> Any:
 
 
 def verify(example: dict[str, Any], response: str) -> VerifyResult:
-    name = example.get("verifier")
-    if name not in CHECKS:
-        raise DataError(f"unknown verifier {name!r}; available: {', '.join(CHECKS)}")
-    return CHECKS[name](example, response)
+    return get_check(example.get("verifier"))(example, response)
