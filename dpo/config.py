@@ -1,5 +1,4 @@
-"""Offline RL stages: rejection sampling (policy samples -> verified preference pairs) and DPO.
-Report: ~150K pairs, 1 epoch, LR 7e-7, with the Online Merging Optimizer."""
+"""DPO stage options. Report: ~150K pairs, 1 epoch, LR 7e-7, with the Online Merging Optimizer."""
 
 from __future__ import annotations
 
@@ -7,19 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from qwen_align.recipe import DataConfig, StageConfig
-
-
-class RejectionSamplingConfig(StageConfig):
-    kind: Literal["rejection_sampling"] = "rejection_sampling"
-    data: DataConfig = Field(description="Prompts whose rows name a verifier (answer, tests, instructions).")
-    samples_per_prompt: int = Field(8, gt=0, description="Responses sampled per prompt from the policy.")
-    temperature: float = Field(1.0, gt=0)
-    max_new_tokens: int = Field(2048, gt=0)
-
-    def key_hyperparameters(self) -> dict[str, Any]:
-        return {"samples_per_prompt": self.samples_per_prompt, "temperature": self.temperature,
-                "max_new_tokens": self.max_new_tokens}
+from qwen_align.recipe import StageConfig
 
 
 class Config(StageConfig):

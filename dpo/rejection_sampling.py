@@ -2,7 +2,7 @@
 
 from qwen_align.stage import StageContext, StageResult, not_built
 
-from .config import RejectionSamplingConfig as Config
+from .rejection_config import RejectionSamplingConfig as Config
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
