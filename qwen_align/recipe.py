@@ -137,6 +137,10 @@ class StageConfig(Strict):
     def global_batch(self, num_processes: int) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
 
+    def check_recipe(self, recipe: "Recipe") -> tuple[str, str] | None:
+        """Checks that need the whole recipe (e.g. `num_processes`): (key, problem) or None; kinds override."""
+        return None
+
     def key_hyperparameters(self) -> dict[str, Any]:
         """What `plan` shows for this stage; kinds extend it."""
         schedule = f"{self.lr_scheduler_type}"
@@ -302,6 +306,7 @@ def validate_recipe(raw: dict, source: str, lines: dict[tuple, int] | None = Non
     recipe.source = source
     base_dir = base_dir or Path.cwd()
     _check_chain(recipe, lines, base_dir)
+    _check_stages_against_recipe(recipe, lines)
     _resolve_paths(recipe, base_dir)
     return recipe
 
@@ -321,6 +326,14 @@ def _validate_stage(item: Any, index: int, source: str, lines: dict[tuple, int])
     except ValidationError as e:
         err = e.errors()[0]
         raise _error_line(source, loc + tuple(err["loc"]), lines, _pydantic_message(err)) from None
+
+
+def _check_stages_against_recipe(recipe: Recipe, lines: dict[tuple, int]) -> None:
+    for i, stage in enumerate(recipe.stages):
+        problem = stage.check_recipe(recipe)
+        if problem:
+            key, message = problem
+            raise _error_line(recipe.source, ("stages", i, *key.split(".")), lines, message)
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import RecipeError
+from .errors import RecipeError, UserError
 from .fsutil import atomic_write_json
 from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
 from .stage import StageContext, StageResult
@@ -117,15 +117,10 @@ def _init_source(recipe: Recipe, stage: StageConfig, manifest: Manifest) -> str:
 
 
 def _completed_output(recipe: Recipe, manifest: Manifest, reader: str, name: str, output: str | None = None) -> str:
-    entry = manifest.entry(name)
-    if not entry or entry.get("status") != "completed":
-        raise RecipeError(f"stage '{reader}' reads stage '{name}', which has not completed in {recipe.run_dir}; run it first")
-    if output is None:
-        return entry["output"]
-    outputs = entry.get("outputs") or {}
-    if output not in outputs:
-        raise RecipeError(f"stage '{reader}': stage '{name}' has no output '{output}' (it has: {', '.join(outputs) or 'none'})")
-    return outputs[output]
+    try:
+        return StageContext(recipe, Path(), "", None, Path(), manifest=manifest.data).stage_output(name, output)
+    except UserError as e:
+        raise RecipeError(f"stage '{reader}' needs an earlier stage's output: {e}") from None
 
 
 def _with_stage_sources(recipe: Recipe, stage: StageConfig, manifest: Manifest) -> StageConfig:
@@ -157,6 +152,7 @@ def _run_stage(recipe: Recipe, stage: StageConfig, config_hash: str, manifest: M
         resume_checkpoint=resume,
         metrics_path=run_dir / "metrics.jsonl",
         is_main_process=is_main_process(),
+        manifest=manifest.data,
     )
     module = registry.stage_module(stage.kind)
     print(f"[{stage.name}] {stage.kind} from {context.init_source}" + (f", resuming {resume}" if resume else ""))

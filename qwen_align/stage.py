@@ -33,6 +33,7 @@ class StageContext:
     resume_checkpoint: str | None  # trainer checkpoint to resume from, if the stage was interrupted
     metrics_path: Path
     is_main_process: bool = True
+    manifest: dict[str, Any] = field(default_factory=dict)  # the run's manifest as the stage starts
 
     @property
     def output_dir(self) -> Path:
@@ -45,6 +46,20 @@ class StageContext:
     @property
     def seed(self) -> int:
         return self.recipe.seed
+
+    def stage_output(self, name: str, output: str | None = None) -> str:
+        """The output folder of an earlier, completed stage of this run (`output` picks a named one)."""
+        if not any(s.name == name for s in self.recipe.stages):
+            return name  # not a stage: a path, taken as written
+        entry = self.manifest.get("stages", {}).get(name)
+        if not entry or entry.get("status") != "completed":
+            raise UserError(f"stage '{name}' has not completed in {self.recipe.run_dir}; run it first")
+        if output is None:
+            return entry["output"]
+        outputs = entry.get("outputs") or {}
+        if output not in outputs:
+            raise UserError(f"stage '{name}' has no output '{output}' (it has: {', '.join(outputs) or 'none'})")
+        return outputs[output]
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer travels with checkpoints; a preset start takes the recipe's `tokenizer`."""

@@ -177,3 +177,16 @@ def test_data_source_may_name_an_earlier_stage(tmp_path):
         validate_recipe(recipe({"weight": 2}), "r.yaml")
     with pytest.raises(RecipeError, match="give `stage` too"):
         validate_recipe(recipe({"path": str(tmp_path), "output": "pairs"}), "r.yaml")
+
+
+def test_a_stage_kind_can_check_the_whole_recipe(monkeypatch):
+    from qwen_align.recipe import StageConfig, validate_recipe
+
+    def needs_two(self, recipe):
+        return None if recipe.num_processes == 2 else ("per_device_train_batch_size", "needs num_processes 2")
+
+    monkeypatch.setattr(StageConfig, "check_recipe", needs_two)
+    raw = {"model": "tiny", "run_dir": "r", "stages": [{"name": "a", "kind": "reward_model"}]}
+    with pytest.raises(RecipeError, match=r"stages\[0\].per_device_train_batch_size: needs num_processes 2"):
+        validate_recipe(raw, "r.yaml")
+    assert validate_recipe({**raw, "num_processes": 2}, "r.yaml").num_processes == 2
