@@ -82,3 +82,24 @@ def _field(example: dict[str, Any], name: str) -> Any:
 
 def verify(example: dict[str, Any], response: str) -> VerifyResult:
     return get_check(example.get("verifier"))(example, response)
+
+
+def verify_batch(
+    examples: list[dict[str, Any]], responses: list[str], workers: int | None = None
+) -> list[VerifyResult]:
+    """`verify` over many rows: `code` checks run in parallel on the sandbox pool (at most `workers` at
+    once; default: the pool's size), the other checks one by one. Results are in input order."""
+    if len(examples) != len(responses):
+        raise ValueError(f"verify_batch: {len(examples)} examples but {len(responses)} responses")
+    results: list[VerifyResult | None] = [None] * len(examples)
+    code_rows = [i for i, e in enumerate(examples) if e.get("verifier") == "code"]
+    if code_rows:
+        from .code import check_code_batch  # imported only when a code row is present
+
+        checked = check_code_batch([examples[i] for i in code_rows], [responses[i] for i in code_rows], workers)
+        for i, result in zip(code_rows, checked):
+            results[i] = result
+    for i, result in enumerate(results):
+        if result is None:
+            results[i] = verify(examples[i], responses[i])
+    return results  # type: ignore[return-value]
