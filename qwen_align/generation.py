@@ -1,20 +1,32 @@
 """Sampling from a policy through its chat template, and held-out task accuracy (greedy, verified).
 
-One interface for every stage that generates: evaluation now, rejection sampling and GRPO scoring later.
+One interface for every stage that generates (evaluation, rejection sampling, GRPO pre-scoring):
+`make_sampler(...)` gives a `Sampler` whose `sample(conversations, params)` returns, per conversation,
+`params.num_return_sequences` `Sample`s (text without special tokens, whether it ended at <|im_end|> /
+<|endoftext|> or ran into max_new_tokens, token count). Two backends:
+
+- `transformers`: batched `model.generate` (left padding, prompts sorted by length), CPU or GPU.
+- `vllm`: vLLM's offline `LLM.generate` on a GPU, imported only when chosen. Untested in this repository's
+  CI (no GPU there); written against vLLM's documented `LLM` / `SamplingParams` API.
+
+`backend: auto` picks vLLM when it is installed, a GPU is present and the policy is a checkpoint folder;
+transformers otherwise. Sampling is seeded (`SamplingParams.seed`): the same seed, prompts and batch
+size give the same samples. `generate(...)` (texts only) is the older, simpler face of the same path.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import iter_rows
-from .errors import DataError
+from .errors import DataError, UserError
 from .verifiers import verify
 
 
@@ -24,6 +36,17 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     num_return_sequences: int = 1
+    seed: int | None = None  # None: whatever the global RNG holds
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str  # decoded without special tokens
+    finished: bool  # ended with a stop token (False: cut at max_new_tokens)
+    num_tokens: int  # generated tokens, the stop token included
+
+
+Backend = Literal["auto", "transformers", "vllm"]
 
 
 def prompt_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -34,30 +57,44 @@ def prompt_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """<|im_end|> (the end of an assistant turn), the tokenizer's eos and <|endoftext|>, where they exist."""
+    ids = []
+    for token in ("<|im_end|>", tokenizer.eos_token, "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(token) if token else None
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def chat_prompts(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, Any]]]) -> list[str]:
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
 @torch.no_grad()
-def generate(
+def generate_samples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     conversations: list[list[dict[str, Any]]],
     params: SamplingParams,
     batch_size: int = 32,
     desc: str = "generating",
-) -> list[list[str]]:
-    """Responses (num_return_sequences per conversation), decoded without special tokens."""
+) -> list[list[Sample]]:
+    """`params.num_return_sequences` samples per conversation with transformers' `generate`."""
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    end_ids = [tokenizer.eos_token_id] + [
-        i for i in [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if isinstance(i, int) and i != tokenizer.unk_token_id
-    ]
+    end_ids = stop_token_ids(tokenizer)
     sample = params.temperature > 0
-    out: list[list[str]] = []
+    n = params.num_return_sequences
+    if params.seed is not None:
+        torch.manual_seed(params.seed)  # also seeds every CUDA device
     try:
         # Sort by length so a batch pads little; restore the order afterwards.
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        texts = chat_prompts(tokenizer, conversations)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        results: dict[int, list[str]] = {}
+        results: dict[int, list[Sample]] = {}
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
             idx = order[start : start + batch_size]
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -69,20 +106,124 @@ def generate(
                 temperature=params.temperature if sample else None,
                 top_p=params.top_p if sample else None,
                 top_k=None,
-                num_return_sequences=params.num_return_sequences,
+                num_return_sequences=n,
                 eos_token_id=end_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
+            new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
             decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            n = params.num_return_sequences
+            samples = [_sample(text, tokens, end_ids) for text, tokens in zip(decoded, new_tokens)]
             for j, i in enumerate(idx):
-                results[i] = decoded[j * n : (j + 1) * n]
-        out = [results[i] for i in range(len(texts))]
+                results[i] = samples[j * n : (j + 1) * n]
+        return [results[i] for i in range(len(texts))]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
-    return out
+
+
+def _sample(text: str, tokens: list[int], end_ids: list[int]) -> Sample:
+    for k, t in enumerate(tokens):
+        if t in end_ids:
+            return Sample(text, True, k + 1)
+    return Sample(text, False, len(tokens))
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, Any]]],
+    params: SamplingParams,
+    batch_size: int = 32,
+    desc: str = "generating",
+) -> list[list[str]]:
+    """Responses (num_return_sequences per conversation), decoded without special tokens."""
+    samples = generate_samples(model, tokenizer, conversations, params, batch_size=batch_size, desc=desc)
+    return [[s.text for s in group] for group in samples]
+
+
+class Sampler:
+    """Samples responses to chat prompts; see `make_sampler`."""
+
+    backend: str = ""
+
+    def sample(self, conversations: list[list[dict[str, Any]]], params: SamplingParams) -> list[list[Sample]]:
+        raise NotImplementedError
+
+
+class TransformersSampler(Sampler):
+    backend = "transformers"
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 32):
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        model.config.use_cache = True
+
+    def sample(self, conversations, params):
+        return generate_samples(self.model, self.tokenizer, conversations, params, self.batch_size, desc="sampling")
+
+
+class VLLMSampler(Sampler):
+    """vLLM's offline engine on the checkpoint folder `path`. UNTESTED here (needs vLLM and a GPU)."""
+
+    backend = "vllm"
+
+    def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, *, dtype: str = "auto", seed: int = 0,
+                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, max_model_len: int | None = None):
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.llm = LLM(
+            model=str(path), tokenizer=str(path), dtype=dtype, seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+        )
+
+    def sample(self, conversations, params):
+        from vllm import SamplingParams as VLLMParams
+
+        end_ids = stop_token_ids(self.tokenizer)
+        prompts = chat_prompts(self.tokenizer, conversations)
+        per_prompt = [
+            VLLMParams(
+                n=params.num_return_sequences, temperature=params.temperature, top_p=params.top_p,
+                max_tokens=params.max_new_tokens, stop_token_ids=end_ids, skip_special_tokens=True,
+                # One seed per request: identical prompts still get independent samples.
+                seed=None if params.seed is None else params.seed + i,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, per_prompt, use_tqdm=True)
+        return [
+            [Sample(o.text, o.finish_reason == "stop", len(o.token_ids)) for o in sorted(out.outputs, key=lambda o: o.index)]
+            for out in outputs
+        ]
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def resolve_backend(backend: Backend, source: str) -> str:
+    """`auto`: vLLM when installed on a GPU and `source` is a checkpoint folder; transformers otherwise."""
+    if backend == "auto":
+        return "vllm" if vllm_available() and (Path(source) / "config.json").is_file() else "transformers"
+    if backend == "vllm" and not vllm_available():
+        raise UserError("backend: vllm needs the vllm package and a CUDA GPU (pip install -e '.[gpu]'); use auto or transformers")
+    return backend
+
+
+def make_sampler(
+    backend: Backend, source: str, tokenizer: PreTrainedTokenizerBase, load_model, *, batch_size: int = 32,
+    seed: int = 0, dtype: str = "auto", **vllm_options: Any,
+) -> Sampler:
+    """A sampler for the policy at `source`; `load_model()` builds the transformers model when that path is taken."""
+    chosen = resolve_backend(backend, source)
+    if chosen == "vllm":
+        if not (Path(source) / "config.json").is_file():
+            raise UserError(f"backend: vllm needs a checkpoint folder, not {source!r}")
+        return VLLMSampler(source, tokenizer, dtype=dtype, seed=seed, **vllm_options)
+    return TransformersSampler(load_model(), tokenizer, batch_size)
 
 
 def load_eval_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:

@@ -123,7 +123,7 @@ def check_ifeval(example: dict[str, Any], response: str) -> VerifyResult:
     if not response or not response.strip():
         return VerifyResult(False, 0.0, "empty response")
     failed = [i for i, checker in checkers if not checker.check_following(response)]
-    score = 1.0 - len(failed) / len(checkers)
+    score = (len(checkers) - len(failed)) / len(checkers)
     if not failed:
         return VerifyResult(True, 1.0, f"follows all {len(checkers)} instructions")
     return VerifyResult(False, score, "does not follow: " + ", ".join(failed))
