@@ -33,6 +33,19 @@ def _parser() -> argparse.ArgumentParser:
     build = tok_sub.add_parser("build", help="write a Qwen2.5 tokenizer folder from the BPE ranks (offline)")
     build.add_argument("--out", required=True, help="folder to write (loadable by AutoTokenizer)")
     build.add_argument("--tiktoken", help="qwen.tiktoken ranks file; default: the one shipped in dashscope")
+
+    ev = sub.add_parser("eval-rm", help="evaluate a reward model on RewardBench 1/2, RMB, PPE or preference pairs")
+    ev.add_argument("--model", help="reward-model checkpoint folder (AutoModelForSequenceClassification, 1 output)")
+    ev.add_argument("--benchmark", required=True, choices=["rewardbench", "rewardbench2", "rmb", "ppe", "pairs"])
+    ev.add_argument("--data", help="the benchmark as released: a JSON/JSONL/Parquet file, save_to_disk folder, "
+                                   "or a folder read recursively")
+    ev.add_argument("--out", help="folder for summary.json and scores.jsonl (per-example scores)")
+    ev.add_argument("--max-length", type=int, default=4096, help="tokens per scored conversation; longer ones "
+                                                                 "are cut from the left (default 4096)")
+    ev.add_argument("--batch-size", type=int, default=8, help="conversations per forward pass (default 8)")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: bfloat16 on a GPU that has it, else float32")
+    ev.add_argument("--scores-file", help="re-score a saved scores.jsonl without a model")
     return p
 
 
@@ -84,6 +97,23 @@ def _tokenizer_build(args) -> None:
     print(f"wrote {args.out}: {len(tok)} tokens; 'Hello world!' -> {ids}")
 
 
+def _eval_rm(args) -> None:
+    from .rm_eval.report import evaluate, print_summary, rescore
+
+    if args.scores_file:
+        summary = rescore(args.scores_file, args.benchmark, args.out)
+    else:
+        if not args.model or not args.data:
+            raise UserError("eval-rm: give --model and --data (or --scores-file to re-score saved scores)")
+        if args.max_length <= 0 or args.batch_size <= 0:
+            raise UserError("eval-rm: --max-length and --batch-size must be positive")
+        summary = evaluate(args.model, args.benchmark, args.data, args.out, args.max_length, args.batch_size,
+                           args.dtype)
+    print_summary(summary)
+    if args.out:
+        print(f"wrote {Path(args.out) / 'summary.json'}" + ("" if args.scores_file else " and scores.jsonl"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -95,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(args)
         elif args.command == "tokenizer":
             _tokenizer_build(args)
+        elif args.command == "eval-rm":
+            _eval_rm(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,126 @@
+"""Score responses with a sequence-classification reward model: chat-template formatting, explicit max
+length with LEFT truncation (the end of the conversation, where the reward is read, is kept), batches
+sorted by length, eval mode, no gradients."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .items import Item
+
+log = logging.getLogger(__name__)
+
+
+def encode(tokenizer, prompt: list[dict[str, str]], response: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of prompt + response as the assistant turn (the tokenizer's chat template), left-truncated
+    to `max_length`; returns (ids, truncated)."""
+    messages = [*prompt, {"role": "assistant", "content": response}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > max_length:
+        return ids[-max_length:], True
+    return ids, False
+
+
+@dataclass
+class EncodedItems:
+    sequences: list[list[int]] = field(default_factory=list)
+    owners: list[tuple[int, int]] = field(default_factory=list)  # (item index, response index) per sequence
+    truncated_items: int = 0
+    longest: int = 0
+
+
+def encode_items(items: list[Item], tokenizer, max_length: int) -> EncodedItems:
+    out = EncodedItems()
+    for i, item in enumerate(items):
+        cut = False
+        for j, response in enumerate(item.responses):
+            ids, was_cut = encode(tokenizer, item.prompt, response, max_length)
+            cut |= was_cut
+            out.sequences.append(ids)
+            out.owners.append((i, j))
+            out.longest = max(out.longest, len(ids))
+        out.truncated_items += cut
+    return out
+
+
+def batches(lengths: list[int], batch_size: int, sort_by_length: bool = True) -> list[list[int]]:
+    """Index batches; sorted longest first so each batch pads to similar lengths (and a memory problem shows
+    at the first batch, not the last)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(lengths)))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def score_sequences(
+    model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 8, sort_by_length: bool = True,
+    progress: bool = True, desc: str = "scoring",
+) -> list[float]:
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    scores = [0.0] * len(sequences)
+    plan = batches([len(s) for s in sequences], batch_size, sort_by_length)
+    try:
+        for idx in tqdm(plan, desc=desc, unit="batch", disable=not progress):
+            width = max(len(sequences[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+            for row, i in enumerate(idx):
+                scores[i] = float(logits[row, 0].float())
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def score_items(model, tokenizer, items: list[Item], max_length: int, batch_size: int, progress: bool = True
+                ) -> tuple[list[list[float]], dict[str, Any]]:
+    """Per item, the reward of each response (in the item's order), and formatting stats."""
+    if tokenizer.pad_token_id is None:
+        raise UserError("the reward model's tokenizer has no pad token")
+    enc = encode_items(items, tokenizer, max_length)
+    flat = score_sequences(model, enc.sequences, tokenizer.pad_token_id, batch_size, progress=progress)
+    per_item: list[list[float]] = [[0.0] * len(it.responses) for it in items]
+    for (i, j), s in zip(enc.owners, flat):
+        per_item[i][j] = s
+    stats = {"sequences": len(enc.sequences), "truncated_items": enc.truncated_items, "longest_tokens": enc.longest,
+             "max_length": max_length}
+    return per_item, stats
+
+
+def load_reward_model(path: str | Path, dtype: str = "auto"):
+    """A sequence-classification reward model (one output) and its tokenizer from a checkpoint folder."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ..model import resolve_dtype
+    from ..stage import resolve_stage_dtype
+    from ..tokenizer import load_tokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {path}: not a checkpoint folder (no config.json)")
+    tokenizer = load_tokenizer(path)
+    dtype = resolve_stage_dtype(dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})") from e
+    if model.config.num_labels != 1:
+        raise UserError(f"--model {path}: a reward model has one output; this one has {model.config.num_labels}")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tokenizer, dtype

@@ -1,0 +1,119 @@
+"""Run the reward-model stage: preference pairs -> Bradley-Terry training (TRL RewardTrainer) of a
+Qwen2ForSequenceClassification initialised from a policy checkpoint -> held-out accuracy and margin."""
+
+from __future__ import annotations
+
+import logging
+from statistics import mean
+
+import torch
+from transformers import set_seed
+from trl import RewardConfig, RewardTrainer
+
+from qwen_align.callbacks import MetricsLogger
+from qwen_align.data import load_training_rows
+from qwen_align.errors import UserError
+from qwen_align.model import load_model, save_checkpoint
+from qwen_align.rm_eval.scorer import score_items
+from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+
+from .config import Config
+from .dataset import as_items, split_heldout, tokenize_pairs
+
+log = logging.getLogger(__name__)
+
+
+def training_args(stage: Config, context: StageContext) -> RewardConfig:
+    dtype = resolve_stage_dtype(stage.dtype)
+    return RewardConfig(
+        output_dir=str(context.checkpoints_dir),
+        seed=context.seed,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_train_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        lr_scheduler_type=stage.lr_scheduler_type,
+        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
+        warmup_steps=stage.warmup_steps,
+        logging_steps=stage.logging_steps,
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        activation_checkpointing=stage.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        max_length=stage.max_length,
+        center_rewards_coefficient=stage.center_rewards_coefficient,
+        report_to="none",
+    )
+
+
+def heldout_metrics(model, tokenizer, items, stage: Config) -> dict:
+    scores, fmt = score_items(model, tokenizer, items, stage.max_length, stage.eval_batch_size, progress=False)
+    right = [s[0] > s[1] for s in scores]
+    margins = [s[0] - s[1] for s in scores]
+    return {
+        "heldout_pair_accuracy": mean(right),
+        "heldout_mean_margin": mean(margins),
+        "heldout_tie_rate": mean(s[0] == s[1] for s in scores),
+        "heldout_pairs": len(items),
+        "heldout_truncated": fmt["truncated_items"],
+    }
+
+
+def run(stage: Config, context: StageContext) -> StageResult:
+    if stage.data is None:
+        raise UserError(f"stage '{stage.name}': reward_model needs `data` (preference pairs with chosen/rejected)")
+    set_seed(context.seed)
+    tokenizer = context.tokenizer()
+    rows, data_report = load_training_rows(stage.data, context.seed, kind="preference")
+    train_items, heldout = split_heldout(as_items(rows, stage.name + ".data"), stage.eval_fraction, context.seed)
+    if stage.eval_data is not None:
+        extra_rows, _ = load_training_rows(stage.eval_data, context.seed, kind="preference")
+        heldout += as_items(extra_rows, stage.name + ".eval_data")
+    dataset, lengths = tokenize_pairs(train_items, tokenizer, stage.max_length, stage.on_long)
+    print(f"[{stage.name}] {lengths.pairs_out} training pairs, {len(heldout)} held out (truncated "
+          f"{lengths.truncated}, dropped for length {lengths.dropped_for_length}, bad rows skipped "
+          f"{data_report['bad_rows_skipped']})")
+
+    model = load_model(context.init_source, "reward", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+                       attn_implementation=stage.attn_implementation, seed=context.seed)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    peft_config = None
+    if stage.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **stage.lora.model_dump())
+    trainer = RewardTrainer(
+        model=model, args=training_args(stage, context), train_dataset=dataset, processing_class=tokenizer,
+        peft_config=peft_config, callbacks=[MetricsLogger(context, stage.name)],
+    )
+    train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if trainer.accelerator.is_main_process:
+        save_checkpoint(model, tokenizer, context.output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+    metrics = {
+        "train_loss": train_output.training_loss,
+        "train_steps": train_output.global_step,
+        "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+        "data": data_report,
+        "lengths": lengths.as_dict(),
+    }
+    if heldout and trainer.accelerator.is_main_process:
+        held = heldout_metrics(model, tokenizer, heldout, stage)
+        metrics.update(held)
+        metrics["heldout_accuracy"] = held["heldout_pair_accuracy"]  # the key `qwen-align run` prints
+        print(f"[{stage.name}] held-out pair accuracy: {held['heldout_pair_accuracy']:.1%} on {len(heldout)} pairs "
+              f"(mean margin {held['heldout_mean_margin']:+.3f})")
+        context.log_metrics({"stage": stage.name, **{k: v for k, v in held.items()}})
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return StageResult(output=context.output_dir, metrics=metrics)
