@@ -1,0 +1,163 @@
+"""GRPO stage options. Defaults are the Qwen2.5 report's: 8 responses per query, 2048 samples per optimizer
+step (256 queries x 8), queries ordered by the reward variance of the current policy, the trained reward
+model plus rule-based verifiers as rewards."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from qwen_align.recipe import DataConfig, StageConfig, Strict
+
+# TRL 1.16's GRPOConfig.loss_type values (tests/test_grpo_config.py checks this list against TRL).
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
+
+
+class RewardSpec(Strict):
+    kind: Literal["reward_model", "verifier"] = Field(
+        description="`reward_model`: a trained reward model scores the chat-formatted prompt + response; "
+        "`verifier`: the row's verifier (qwen_align.verifiers) scores 1/0, rows without one are skipped."
+    )
+    source: str | None = Field(
+        None, description="reward_model: an earlier stage's name or a checkpoint folder; default: the recipe's "
+        "reward_model stage."
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the sum the advantages come from.")
+    name: str | None = Field(None, description="Name in the logs (rewards/<name>/mean, /std); default: the kind.")
+
+    @model_validator(mode="after")
+    def _source_only_for_rm(self):
+        if self.kind == "verifier" and self.source is not None:
+            raise ValueError("`source` names a reward model; a verifier reward takes none")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+
+def _default_rewards() -> list[dict]:
+    return [{"kind": "reward_model", "weight": 1.0}, {"kind": "verifier", "weight": 1.0}]
+
+
+class Config(StageConfig):
+    kind: Literal["grpo"] = "grpo"
+    data: DataConfig | None = Field(
+        None, description="Query set (prompt rows, verifier fields kept); default: the reward model stage's prompts."
+    )
+    learning_rate: float = Field(1e-6, gt=0)
+    per_device_train_batch_size: int = Field(16, gt=0, description="Completions per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(
+        16, gt=0, description="Report: 16 x 16 x 8 processes = 2048 samples (256 queries x 8) per step."
+    )
+    global_batch_samples: int | None = Field(
+        None, gt=0, description="When set, the recipe is refused unless per device x accumulation x num_processes "
+        "equals it (the report: 2048)."
+    )
+    num_generations: int = Field(8, ge=2, description="Report: 8 responses per query.")
+    steps_per_generation: int | None = Field(
+        None, gt=0, description="Micro-batches per generation batch (TRL); default: gradient_accumulation_steps."
+    )
+    num_iterations: int = Field(1, gt=0, description="Optimisation passes over each generation batch (GRPO's mu).")
+    loss_type: str = Field("grpo", description="The GRPO paper's loss; any of TRL's: " + ", ".join(LOSS_TYPES) + ".")
+    beta: float = Field(0.0, ge=0, description="KL coefficient.")
+    epsilon: float = Field(0.2, gt=0, description="Clipping epsilon (lower bound).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping bound; default: epsilon.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantage scaling (TRL).")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_completion_length: int = Field(2048, gt=0)
+    rewards: list[RewardSpec] = Field(
+        default_factory=_default_rewards, min_length=1, validate_default=True,
+        description="Rewards summed with their weights; each is logged on its own (mean and spread).",
+    )
+    order_by_reward_variance: bool = Field(True, description="Report: highest reward variance first; false: shuffled.")
+    ordering_samples: int | None = Field(
+        None, ge=2, description="Responses per query in an ordering pass; default: num_generations."
+    )
+    ordering_batch_size: int = Field(64, gt=0, description="Prompts generated at once in an ordering pass.")
+    variance_epsilon: float = Field(
+        1e-6, ge=0, description="Queries whose reward variance is at or below this count as low variance."
+    )
+    low_variance_policy: Literal["last", "drop", "rescore"] = Field(
+        "last", description="Low-variance queries: train on them last, drop them, or re-score them when reached."
+    )
+    reorder_every_steps: int | None = Field(
+        None, gt=0, description="Re-score and re-order the queries not yet used every N optimizer steps."
+    )
+    reorder_each_epoch: bool = Field(False, description="Re-score and re-order all queries at each new epoch.")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {self.loss_type!r} is not one of TRL's: {', '.join(LOSS_TYPES)}")
+        names = [r.label for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: names must be unique (got {', '.join(names)}); give `name` to tell them apart")
+        if not self.order_by_reward_variance and (self.reorder_every_steps or self.reorder_each_epoch):
+            raise ValueError("reorder_every_steps / reorder_each_epoch need order_by_reward_variance: true")
+        return self
+
+    # ------------------------------------------------------------ batch arithmetic
+
+    def generation_batch(self, num_processes: int) -> int:
+        spg = self.steps_per_generation or self.gradient_accumulation_steps
+        return self.per_device_train_batch_size * num_processes * spg
+
+    def batch_arithmetic(self, num_processes: int) -> str:
+        total = self.global_batch(num_processes)
+        text = (f"{self.per_device_train_batch_size} per device x {self.gradient_accumulation_steps} accumulation x "
+                f"{num_processes} process(es) = {total} samples")
+        if total % self.num_generations == 0:
+            text += f" = {total // self.num_generations} queries x {self.num_generations}"
+        return text
+
+    def check_recipe(self, recipe) -> tuple[str, str] | None:
+        n = recipe.num_processes
+        total = self.global_batch(n)
+        if total % self.num_generations:
+            return ("per_device_train_batch_size", f"{self.batch_arithmetic(n)}, which is not a whole number of "
+                    f"queries x {self.num_generations} generations; make it a multiple of num_generations")
+        if self.global_batch_samples is not None and total != self.global_batch_samples:
+            return ("global_batch_samples", f"{self.batch_arithmetic(n)}, not the {self.global_batch_samples} "
+                    "asked for")
+        if self.generation_batch(n) % self.num_generations:
+            return ("steps_per_generation", f"generation batch {self.generation_batch(n)} (per device x processes "
+                    f"x steps_per_generation) is not a multiple of num_generations {self.num_generations}")
+        earlier = recipe.stages[: [s.name for s in recipe.stages].index(self.name)]
+        rm_stages = [s.name for s in earlier if s.kind == "reward_model"]
+        for i, spec in enumerate(self.rewards):
+            if spec.kind != "reward_model":
+                continue
+            if spec.source is None and not rm_stages:
+                return (f"rewards.{i}.source", "no earlier reward_model stage in the recipe; name a reward model "
+                        "checkpoint folder")
+            if spec.source is not None and any(s.name == spec.source for s in recipe.stages):
+                if spec.source not in rm_stages:
+                    return (f"rewards.{i}.source", f"{spec.source!r} is not an earlier reward_model stage")
+        if self.data is None and not rm_stages:
+            return ("data", "no query set: give `data` (prompt rows) or put a reward_model stage before this one")
+        return None
+
+    def referenced_stages(self, recipe) -> list[str]:
+        """Earlier stages this stage reads beyond init_from and data: reward models, the default query set."""
+        earlier = recipe.stages[: [s.name for s in recipe.stages].index(self.name)]
+        rm_stages = [s.name for s in earlier if s.kind == "reward_model"]
+        names = [spec.source or (rm_stages[-1] if rm_stages else None) for spec in self.rewards
+                 if spec.kind == "reward_model"]
+        if self.data is None and rm_stages:
+            names.append(rm_stages[-1])
+        return [n for n in dict.fromkeys(names) if n is not None and n in {s.name for s in earlier}]
+
+    def key_hyperparameters(self) -> dict[str, Any]:
+        rewards = " + ".join(f"{r.weight:g}*{r.label}" for r in self.rewards)
+        order = "reward variance" if self.order_by_reward_variance else "shuffled"
+        return {
+            **super().key_hyperparameters(),
+            "num_generations": self.num_generations,
+            "loss_type": self.loss_type,
+            "beta": self.beta,
+            "rewards": rewards,
+            "query_order": order,
+        }

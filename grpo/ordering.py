@@ -1,0 +1,218 @@
+"""Reward-variance ordering of the query set, and the schedule the training sampler follows.
+
+An ordering *round* samples k responses per query with the current policy, scores them with the stage's
+rewards and ranks the queries by the variance of their (weighted) reward, highest first: a query whose
+responses all score alike gives GRPO no advantage, hence no gradient. Queries at or below `epsilon` follow
+the low-variance policy: `last` (ranked after all others), `drop` (left out of training), `rescore`
+(ranked last, and scored again with the then-current policy when the sampler reaches them).
+
+The schedule hands the sampler one generation batch of queries (a *chunk*) at a time, so a re-ordering
+every N steps or each epoch changes what the trainer consumes from the next chunk on. Every round is saved
+to `ordering.json` in the stage folder (atomically): per query its id, variance, mean and position in the
+pass, which is exactly the order the trainer consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen_align.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueryScore:
+    query_id: int
+    mean: float
+    variance: float
+
+
+def score_of(query_id: int, rewards: list[float]) -> QueryScore:
+    """Mean and (population) variance of one query's sampled rewards; NaNs (nothing applied) are skipped."""
+    values = [r for r in rewards if not math.isnan(r)]
+    if not values:
+        return QueryScore(query_id, math.nan, 0.0)
+    mean = sum(values) / len(values)
+    return QueryScore(query_id, mean, sum((v - mean) ** 2 for v in values) / len(values))
+
+
+def rank(scores: list[QueryScore], epsilon: float) -> tuple[list[QueryScore], list[QueryScore]]:
+    """(high, low): variance above epsilon, highest first; the rest. Ties keep query-id order."""
+    high = sorted((s for s in scores if s.variance > epsilon), key=lambda s: (-s.variance, s.query_id))
+    low = sorted((s for s in scores if s.variance <= epsilon), key=lambda s: s.query_id)
+    return high, low
+
+
+Scorer = Callable[[list[int]], list[QueryScore]]
+
+
+class OrderingSchedule:
+    """Which queries each generation batch takes, pass after pass, re-ranked by reward variance when due.
+
+    `scorer(query_ids)` samples and scores those queries with the current policy.
+    """
+
+    def __init__(
+        self, num_queries: int, queries_per_chunk: int, scorer: Scorer, *,
+        epsilon: float = 1e-6, policy: str = "last", reorder_every_chunks: int | None = None,
+        reorder_each_epoch: bool = False, artifact: Path | None = None, on_round=None,
+    ):
+        self.num_queries = num_queries
+        self.queries_per_chunk = queries_per_chunk
+        self.scorer = scorer
+        self.epsilon = epsilon
+        self.policy = policy
+        self.reorder_every_chunks = reorder_every_chunks
+        self.reorder_each_epoch = reorder_each_epoch
+        self.artifact = artifact
+        self.on_round = on_round  # called with each round's summary (metrics)
+        self.active = list(range(num_queries))  # queries training may use (drop removes some)
+        self.ranking: list[int] = []  # the current pass's order
+        self.low: set[int] = set()
+        self.rounds: list[dict] = []
+        self.seconds = 0.0
+        self.epoch = -1
+        self.chunks_done = 0
+        self.last_round_chunk = 0
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.active) // self.queries_per_chunk
+
+    # ------------------------------------------------------------ rounds
+
+    def initial_round(self) -> None:
+        """The ordering before training; with `drop`, low-variance queries leave the active set here."""
+        if self.rounds:
+            return
+        self._round(list(self.active), start=0, reason="initial")
+        if self.policy == "drop" and self.low:
+            kept = [q for q in self.active if q not in self.low]
+            if len(kept) < self.queries_per_chunk:
+                log.warning("only %d queries have reward variance above %g, fewer than one generation batch (%d); "
+                            "keeping the low-variance ones last instead of dropping them",
+                            len(kept), self.epsilon, self.queries_per_chunk)
+            else:
+                self.active = kept
+                self.ranking = [q for q in self.ranking if q not in self.low]
+                self.rounds[-1]["dropped"] = sorted(self.low)
+                self._save()
+
+    def _round(self, query_ids: list[int], start: int, reason: str) -> None:
+        """Score `query_ids` and rank them into the pass from position `start` on."""
+        t0 = time.perf_counter()
+        scores = self.scorer(query_ids)
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        high, low = rank(scores, self.epsilon)
+        self.low = (self.low - set(query_ids)) | {s.query_id for s in low}
+        ordered = high + low
+        self.ranking = self.ranking[:start] + [s.query_id for s in ordered]
+        summary = {
+            "round": len(self.rounds), "reason": reason, "epoch": max(self.epoch, 0), "chunk": self.chunks_done,
+            "start_position": start, "scored": len(scores), "low_variance": len(low), "seconds": round(seconds, 3),
+        }
+        self.rounds.append({**summary, "queries": [
+            {"query_id": s.query_id, "variance": s.variance, "mean": s.mean, "position": start + i,
+             "low_variance": s.variance <= self.epsilon}
+            for i, s in enumerate(ordered)
+        ]})
+        self.last_round_chunk = self.chunks_done
+        self._save()
+        if self.on_round:
+            self.on_round(summary)
+
+    def _save(self) -> None:
+        if self.artifact is None:
+            return
+        atomic_write_json(self.artifact, {
+            "num_queries": self.num_queries, "queries_per_chunk": self.queries_per_chunk, "epsilon": self.epsilon,
+            "low_variance_policy": self.policy, "ordering_seconds": round(self.seconds, 3), "rounds": self.rounds,
+        })
+
+    # ------------------------------------------------------------ passes
+
+    def chunks(self) -> Iterator[list[int]]:
+        """One pass: `num_chunks` generation batches of query ids, re-ranked when a round is due."""
+        self.epoch += 1
+        if not self.rounds:
+            self.initial_round()
+        elif self.epoch > 0 and self.reorder_each_epoch:
+            self.ranking = []
+            self._round(list(self.active), start=0, reason="epoch")
+        rescored: set[int] = set()
+        size = self.queries_per_chunk
+        for k in range(self.num_chunks):
+            pos = k * size
+            if self._due():
+                self._round(self.ranking[pos:], start=pos, reason="every_steps")
+            if self.policy == "rescore":
+                stale = [q for q in self.ranking[pos : pos + size] if q in self.low and q not in rescored]
+                if stale:
+                    rest_low = [q for q in self.ranking[pos:] if q in self.low and q not in rescored]
+                    rescored |= set(rest_low)
+                    self._rescore(pos, rest_low)
+            yield self.ranking[pos : pos + size]
+            self.chunks_done += 1
+
+    def _due(self) -> bool:
+        n = self.reorder_every_chunks
+        return bool(n) and self.chunks_done - self.last_round_chunk >= n
+
+    def _rescore(self, pos: int, stale: list[int]) -> None:
+        """Score the remaining low-variance queries again; those that now vary move ahead of the still-low."""
+        keep = [q for q in self.ranking[pos:] if q not in set(stale)]
+        t0 = time.perf_counter()
+        scores = self.scorer(stale)
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        high, low = rank(scores, self.epsilon)
+        self.low = (self.low - set(stale)) | {s.query_id for s in low}
+        moved = [s.query_id for s in high]
+        still = [s.query_id for s in low]
+        # Already-ranked, varying queries first, then the newly varying ones, then the still-flat ones.
+        varying = [q for q in keep if q not in self.low]
+        flat = [q for q in keep if q in self.low]
+        self.ranking = self.ranking[:pos] + varying + moved + flat + still
+        by_id = {s.query_id: s for s in scores}
+        prior = self._latest_scores()
+        summary = {
+            "round": len(self.rounds), "reason": "rescore", "epoch": self.epoch, "chunk": self.chunks_done,
+            "start_position": pos, "scored": len(scores), "low_variance": len(low), "seconds": round(seconds, 3),
+        }
+        entries = []
+        for i, q in enumerate(self.ranking[pos:]):
+            s = by_id.get(q) or prior.get(q) or QueryScore(q, math.nan, math.nan)
+            entries.append({"query_id": q, "variance": s.variance, "mean": s.mean, "position": pos + i,
+                            "low_variance": q in self.low})
+        self.rounds.append({**summary, "queries": entries})
+        self._save()
+        if self.on_round:
+            self.on_round(summary)
+
+    def _latest_scores(self) -> dict[int, QueryScore]:
+        latest: dict[int, QueryScore] = {}
+        for r in self.rounds:
+            for e in r["queries"]:
+                latest[e["query_id"]] = QueryScore(e["query_id"], e["mean"], e["variance"])
+        return latest
+
+
+def consumed_order(artifact: dict, pass_length: int, passes: int) -> list[int]:
+    """The query ids a trainer following `artifact`'s rounds consumes: per pass, each position takes the id the
+    latest round covering it put there (what `OrderingSchedule.chunks` yields)."""
+    out: list[int] = []
+    for epoch in range(passes):
+        rounds = [r for r in artifact["rounds"] if r["epoch"] == epoch]
+        slots = dict(enumerate(out[-pass_length:]))  # a pass starts from the last one's order
+        for r in rounds:
+            for e in r["queries"]:
+                slots[e["position"]] = e["query_id"]
+        out += [slots[p] for p in range(pass_length)]
+    return out

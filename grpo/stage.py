@@ -1,0 +1,179 @@
+"""Run the GRPO stage: query set -> reward-variance ordering -> TRL GRPOTrainer -> a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+from trl import GRPOConfig
+
+from qwen_align.callbacks import MetricsLogger
+from qwen_align.generation import SamplingParams
+from qwen_align.model import load_model, save_checkpoint
+from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+
+from .config import Config
+from .ordering import OrderingSchedule
+from .queries import load_queries, reward_model_stage
+from .rewards import RewardModelReward, VerifierReward
+from .trainer import OrderedGRPOTrainer, QueryScorer
+
+log = logging.getLogger(__name__)
+
+ORDERING_FILE = "ordering.json"
+
+
+def training_args(stage: Config, context: StageContext) -> GRPOConfig:
+    dtype = resolve_stage_dtype(stage.dtype)
+    return GRPOConfig(
+        output_dir=str(context.checkpoints_dir),
+        seed=context.seed,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_train_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        steps_per_generation=stage.steps_per_generation,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        lr_scheduler_type=stage.lr_scheduler_type,
+        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
+        warmup_steps=stage.warmup_steps,
+        logging_steps=stage.logging_steps,
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        gradient_checkpointing=stage.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        num_generations=stage.num_generations,
+        num_iterations=stage.num_iterations,
+        loss_type=stage.loss_type,
+        beta=stage.beta,
+        epsilon=stage.epsilon,
+        epsilon_high=stage.epsilon_high,
+        scale_rewards=stage.scale_rewards,
+        temperature=stage.temperature,
+        top_p=stage.top_p,
+        max_completion_length=stage.max_completion_length,
+        reward_weights=[r.weight for r in stage.rewards],
+        shuffle_dataset=not stage.order_by_reward_variance,
+        report_to="none",
+    )
+
+
+def build_rewards(stage: Config, context: StageContext, tokenizer, device) -> list:
+    funcs = []
+    for spec in stage.rewards:
+        if spec.kind == "verifier":
+            funcs.append(VerifierReward(spec.label))
+            continue
+        source = spec.source or reward_model_stage(stage, context.recipe).name
+        path = context.stage_output(source)
+        model = load_model(path, "reward", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+                           attn_implementation=stage.attn_implementation)
+        funcs.append(RewardModelReward(model.to(device), tokenizer, name=spec.label))
+    return funcs
+
+
+def reorder_every_chunks(stage: Config, args: GRPOConfig) -> int | None:
+    """`reorder_every_steps` (optimizer steps) in generation batches, the unit the sampler draws."""
+    if not stage.reorder_every_steps:
+        return None
+    steps_per_chunk = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+    return max(1, round(stage.reorder_every_steps / steps_per_chunk))
+
+
+def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries, reward_funcs, callbacks=()):
+    """The trainer, and (ordered stages) its ordering schedule, bound to the trainer's policy."""
+    args = training_args(stage, context)
+    dataset = Dataset.from_list(queries)
+    schedule = scorer = None
+    if stage.order_by_reward_variance:
+        scorer = QueryScorer(
+            queries, tokenizer, reward_funcs, [r.weight for r in stage.rewards],
+            SamplingParams(max_new_tokens=stage.max_completion_length, temperature=stage.temperature,
+                           top_p=stage.top_p, num_return_sequences=stage.ordering_samples or stage.num_generations),
+            batch_size=stage.ordering_batch_size,
+        )
+
+        def on_round(summary):
+            stats = {f"ordering/{k}": v for k, v in scorer.last_reward_stats.items()}
+            context.log_metrics({"stage": stage.name, **{f"ordering_{k}": v for k, v in summary.items()}, **stats})
+            print(f"[{stage.name}] ordering round {summary['round']} ({summary['reason']}): {summary['scored']} "
+                  f"queries scored, {summary['low_variance']} with reward variance <= {stage.variance_epsilon:g}, "
+                  f"{summary['seconds']:.1f} s")
+
+        schedule = OrderingSchedule(
+            len(queries), args.generation_batch_size // stage.num_generations, scorer,
+            epsilon=stage.variance_epsilon, policy=stage.low_variance_policy,
+            reorder_every_chunks=reorder_every_chunks(stage, args), reorder_each_epoch=stage.reorder_each_epoch,
+            artifact=context.stage_dir / ORDERING_FILE if context.is_main_process else None, on_round=on_round,
+        )
+    trainer = OrderedGRPOTrainer(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
+        callbacks=list(callbacks), schedule=schedule,
+    )
+    if scorer is not None:
+        scorer.bind(trainer)
+    return trainer, schedule
+
+
+def run(stage: Config, context: StageContext) -> StageResult:
+    from accelerate import PartialState
+
+    set_seed(context.seed)
+    tokenizer = context.tokenizer()
+    queries, data_report = load_queries(stage, context)
+    print(f"[{stage.name}] {data_report['queries']} queries ({data_report['queries_with_verifier']} with a "
+          f"verifier) from {data_report['query_source']}")
+    model = context.load_policy(stage, tokenizer)
+    metrics: dict = {"data": data_report}
+    main = PartialState().is_main_process
+    if main and stage.task_eval is not None:
+        print(f"[{stage.name}] before GRPO:")
+        before = context.evaluate_task(stage, model, tokenizer)
+        metrics["heldout_accuracy_before"] = before.get("heldout_accuracy")
+    reward_funcs = build_rewards(stage, context, tokenizer, PartialState().device)
+    trainer, schedule = make_trainer(stage, context, model, tokenizer, queries, reward_funcs,
+                                     callbacks=[MetricsLogger(context, stage.name)])
+    if schedule is not None and context.resume_checkpoint is None:
+        schedule.initial_round()
+    train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.accelerator.is_main_process:
+        save_checkpoint(model, tokenizer, context.output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+    runtime = train_output.metrics.get("train_runtime", 0.0)
+    metrics.update({
+        "train_loss": train_output.training_loss,
+        "train_steps": train_output.global_step,
+        "train_runtime_s": round(runtime, 2),
+        "samples_consumed": train_output.global_step * trainer.args.per_device_train_batch_size
+        * trainer.args.gradient_accumulation_steps * trainer.accelerator.num_processes,
+    })
+    if schedule is not None:
+        initial = schedule.rounds[0]["seconds"] if schedule.rounds and schedule.rounds[0]["reason"] == "initial" else 0.0
+        during = schedule.seconds - initial  # rounds inside trainer.train() are part of train_runtime
+        training_only = max(runtime - during, 1e-9)
+        metrics.update({
+            "ordering_rounds": len(schedule.rounds),
+            "ordering_seconds": round(schedule.seconds, 2),
+            "ordering_overhead_pct": round(100 * schedule.seconds / training_only, 1),
+            "ordering_artifact": str(context.stage_dir / ORDERING_FILE),
+            "queries_dropped": schedule.num_queries - len(schedule.active),
+        })
+        print(f"[{stage.name}] ordering: {len(schedule.rounds)} round(s), {schedule.seconds:.1f} s "
+              f"= {metrics['ordering_overhead_pct']:.1f}% of the {training_only:.1f} s of training")
+    if trainer.accelerator.is_main_process and stage.task_eval is not None:
+        print(f"[{stage.name}] after GRPO:")
+        metrics.update(context.evaluate_task(stage, model, tokenizer))
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return StageResult(output=context.output_dir, metrics=metrics)
+
+
+__all__ = ["run", "make_trainer", "build_rewards", "training_args", "ORDERING_FILE"]

@@ -1,0 +1,86 @@
+"""TRL's GRPOTrainer with the queries in reward-variance order, and the scorer that ranks them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from trl import GRPOTrainer
+
+from qwen_align.generation import SamplingParams, generate
+
+from .ordering import OrderingSchedule, QueryScore, score_of
+from .rewards import combined
+from .sampler import OrderedRepeatSampler
+
+
+class OrderedGRPOTrainer(GRPOTrainer):
+    """`schedule` set: the train sampler follows it (no shuffle); None: TRL's shuffled RepeatSampler."""
+
+    def __init__(self, *args, schedule: OrderingSchedule | None = None, **kwargs):
+        self.schedule = schedule
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, dataset=None):
+        if self.schedule is None:
+            return super()._get_train_sampler(dataset)
+        return OrderedRepeatSampler(
+            self.schedule,
+            mini_repeat_count=self.num_generations,
+            repeat_count=self.num_iterations * self.args.steps_per_generation,
+        )
+
+
+class QueryScorer:
+    """Samples k responses per query with the trainer's current policy and scores them with the stage's
+    rewards. Across processes each scores a share of the queries and all get every score."""
+
+    def __init__(self, queries, tokenizer, reward_funcs, weights, params: SamplingParams, batch_size: int = 64):
+        self.queries = queries  # dataset rows (prompt, verifier_row, query_id)
+        self.tokenizer = tokenizer
+        self.reward_funcs = reward_funcs
+        self.weights = weights
+        self.params = params
+        self.batch_size = batch_size
+        self.trainer = None
+        self.last_reward_stats: dict[str, float] = {}
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def __call__(self, query_ids: list[int]) -> list[QueryScore]:
+        acc = self.trainer.accelerator
+        mine = query_ids[acc.process_index :: acc.num_processes]
+        scores, per_reward = self._score(mine)
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            scores = gather_object(scores)
+            per_reward = {k: gather_object(v) for k, v in sorted(per_reward.items())}
+        self.last_reward_stats = {}
+        for name, values in per_reward.items():
+            values = [v for v in values if v is not None and not math.isnan(v)]
+            if values:
+                mean = sum(values) / len(values)
+                self.last_reward_stats[f"{name}/mean"] = mean
+                self.last_reward_stats[f"{name}/std"] = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+        where = {q: i for i, q in enumerate(query_ids)}
+        return sorted(scores, key=lambda s: where[s.query_id])
+
+    def _score(self, query_ids: list[int]) -> tuple[list[QueryScore], dict[str, list]]:
+        if not query_ids:
+            return [], {f.__name__: [] for f in self.reward_funcs}
+        rows = [self.queries[i] for i in query_ids]
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        responses = generate(model, self.tokenizer, [r["prompt"] for r in rows], self.params,
+                             batch_size=self.batch_size, desc="ordering pass")
+        k = self.params.num_return_sequences
+        prompts = [r["prompt"] for r in rows for _ in range(k)]
+        completions = [[{"role": "assistant", "content": text}] for group in responses for text in group]
+        columns = {key: [r[key] for r in rows for _ in range(k)] for key in rows[0] if key != "prompt"}
+        with torch.no_grad():
+            per_func = [f(prompts=prompts, completions=completions, **columns) for f in self.reward_funcs]
+        total = combined(per_func, self.weights)
+        scores = [score_of(q, total[i * k : (i + 1) * k]) for i, q in enumerate(query_ids)]
+        per_reward = {f.__name__: list(values) for f, values in zip(self.reward_funcs, per_func)}
+        return scores, per_reward

@@ -1,0 +1,98 @@
+"""Reward-variance ordering: ranking, low-variance policies, re-ordering, and the sampler's TRL layout."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler
+from trl.trainer.utils import RepeatSampler
+
+from grpo.ordering import OrderingSchedule, QueryScore, consumed_order, rank, score_of
+from grpo.rewards import combined
+from grpo.sampler import OrderedRepeatSampler
+
+
+def fixed_scorer(variances):
+    calls = []
+
+    def scorer(ids):
+        calls.append(list(ids))
+        return [QueryScore(q, 0.5, variances[q]) for q in ids]
+
+    scorer.calls = calls
+    return scorer
+
+
+def test_score_and_rank():
+    assert score_of(3, [1.0, 0.0, 1.0, 0.0]) == QueryScore(3, 0.5, 0.25)
+    assert score_of(4, [float("nan")] * 2).variance == 0.0
+    high, low = rank([QueryScore(0, 0, 0.1), QueryScore(1, 0, 0.0), QueryScore(2, 0, 0.3), QueryScore(3, 0, 1e-9)], 1e-6)
+    assert [s.query_id for s in high] == [2, 0] and [s.query_id for s in low] == [1, 3]
+    assert combined([[1.0, None], [0.5, 1.0]], [2.0, 1.0]) == [2.5, 1.0]
+
+
+def test_last_and_artifact(tmp_path):
+    variances = [0.0, 0.2, 0.1, 0.0, 0.3, 0.05]
+    s = OrderingSchedule(6, 2, fixed_scorer(variances), artifact=tmp_path / "ordering.json")
+    assert list(s.chunks()) == [[4, 1], [2, 5], [0, 3]]
+    art = json.loads((tmp_path / "ordering.json").read_text())
+    q = art["rounds"][0]["queries"]
+    assert [e["query_id"] for e in q] == [4, 1, 2, 5, 0, 3] and [e["position"] for e in q] == list(range(6))
+    assert q[0]["variance"] == 0.3 and q[4]["low_variance"]
+    assert consumed_order(art, 6, 2) == [4, 1, 2, 5, 0, 3] * 2
+
+
+def test_drop_shortens_the_pass():
+    s = OrderingSchedule(6, 2, fixed_scorer([0.0, 0.2, 0.1, 0.0, 0.3, 0.05]), policy="drop")
+    s.initial_round()
+    assert s.num_chunks == 2 and list(s.chunks()) == [[4, 1], [2, 5]]
+    assert s.rounds[0]["dropped"] == [0, 3]
+
+
+def test_rescore_when_reached():
+    variances = {0: 0.0, 1: 0.2, 2: 0.0, 3: 0.1}
+    scorer = fixed_scorer(variances)
+    s = OrderingSchedule(4, 2, scorer, policy="rescore")
+    chunks = s.chunks()
+    assert next(chunks) == [1, 3]
+    variances[2] = 0.5  # the policy changed: query 2 now varies
+    assert next(chunks) == [2, 0]
+    assert scorer.calls == [[0, 1, 2, 3], [0, 2]]
+    assert s.rounds[-1]["reason"] == "rescore"
+
+
+def test_reorder_every_chunks_and_epoch():
+    variances = [0.1, 0.2, 0.3, 0.4]
+    scorer = fixed_scorer(variances)
+    s = OrderingSchedule(4, 1, scorer, reorder_every_chunks=2)
+    chunks = s.chunks()
+    assert [next(chunks), next(chunks)] == [[3], [2]]
+    variances[:] = [0.4, 0.3, 0.2, 0.1]  # re-ranked: the rest of the pass follows the new scores
+    assert list(chunks) == [[0], [1]]
+    assert scorer.calls[-1] == [1, 0]
+    s2 = OrderingSchedule(2, 1, fixed_scorer([0.1, 0.2]), reorder_each_epoch=True)
+    assert list(s2.chunks()) == [[1], [0]] and list(s2.chunks()) == [[1], [0]] and len(s2.rounds) == 2
+
+
+def test_sampler_has_trl_layout():
+    """With the identity order the sampler yields what TRL's unshuffled RepeatSampler yields."""
+    s = OrderingSchedule(7, 3, fixed_scorer([0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]))
+    ours = OrderedRepeatSampler(s, mini_repeat_count=2, repeat_count=4)
+    trl = RepeatSampler(list(range(7)), mini_repeat_count=2, batch_size=3, repeat_count=4, shuffle=False)
+    assert list(ours) == list(trl) and len(ours) == len(trl)
+
+
+def test_per_rank_slices_keep_groups():
+    """Across 2 processes accelerate hands each rank alternate batches of the sampler's sequence (what TRL's
+    dataloader does with per_device x steps_per_generation); the ranks together see the ordered sequence."""
+    s = OrderingSchedule(8, 4, fixed_scorer([0.1 * i for i in range(8)]))
+    sampler = OrderedRepeatSampler(s, mini_repeat_count=2, repeat_count=2)
+    full = list(sampler)
+    local = 4  # per-device batch x steps_per_generation; global generation batch = 2 x 4 = 8 = 4 queries x 2
+    per_rank = [list(BatchSamplerShard(BatchSampler(sampler, local, False), 2, r)) for r in range(2)]
+    rebuilt = [i for b0, b1 in zip(*per_rank) for i in b0 + b1]
+    assert rebuilt == full
+    assert full[:8] == [7, 7, 6, 6, 5, 5, 4, 4] and per_rank[0][0] == [7, 7, 6, 6] and per_rank[1][0] == [5, 5, 4, 4]
+    assert torch.tensor(full).view(-1, 2).unique(dim=1).shape[1] == 1  # every group of 2 is one query
