@@ -54,6 +54,15 @@ class RejectionSamplingConfig(StageConfig):
         None, gt=0, description="Parallel verifier workers (code tests); default: the verifier's own choice."
     )
 
+    def resolve_paths(self, fix, stage_names: set[str]) -> None:
+        rm = self.review.reward_model
+        if rm is not None and rm not in stage_names:
+            self.review.reward_model = fix(rm)
+
+    def referenced_stages(self, recipe) -> list[str]:
+        rm = self.review.reward_model
+        return [rm] if rm is not None and any(s.name == rm for s in recipe.stages) else []
+
     def key_hyperparameters(self) -> dict[str, Any]:
         return {"samples_per_prompt": self.samples_per_prompt, "temperature": self.temperature,
                 "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,

@@ -1,0 +1,176 @@
+"""Run the DPO stage: preference pairs -> TRL DPOTrainer with an online merging optimizer -> a checkpoint.
+
+Reference model: the stage's start (`init_from`, the SFT output). Base for the SFT delta τ_r: `base_model`, else
+the recipe's `model` — for a preset that is the same seeded random init the SFT stage started from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import set_seed
+from trl import DPOConfig
+
+from qwen_align.callbacks import MetricsLogger
+from qwen_align.data import load_training_rows
+from qwen_align.errors import UserError
+from qwen_align.model import load_model, save_checkpoint
+from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+
+from .config import Config
+from .online_merging import compute_sft_delta
+from .trainer import OnlineMergingDPOTrainer, pair_metrics
+
+log = logging.getLogger(__name__)
+
+PAIR_KEYS = ("prompt", "chosen", "rejected")
+
+
+def training_args(stage: Config, context: StageContext) -> DPOConfig:
+    dtype = resolve_stage_dtype(stage.dtype)
+    loss_types, loss_weights = stage.losses()
+    return DPOConfig(
+        output_dir=str(context.checkpoints_dir),
+        seed=context.seed,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_train_batch_size,
+        per_device_eval_batch_size=stage.eval_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        lr_scheduler_type=stage.lr_scheduler_type,
+        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
+        warmup_steps=stage.warmup_steps,
+        logging_steps=stage.logging_steps,
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        activation_checkpointing=stage.gradient_checkpointing,  # TRL's DPOConfig would default it on
+        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        max_length=stage.max_length,
+        beta=stage.beta,
+        loss_type=loss_types,
+        loss_weights=loss_weights,
+        precompute_ref_log_probs=stage.precompute_ref_log_probs,
+        report_to="none",
+    )
+
+
+def load_pairs(stage: Config, seed: int) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Training pairs, held-out pairs (eval_data, or a seeded eval_fraction of data) and a data report."""
+    if stage.data is None:
+        raise UserError(
+            f"stage '{stage.name}': data: required — preference pairs, e.g. "
+            "`data: {sources: [{stage: rejection_sampling}]}` or a JSONL of prompt/chosen/rejected rows"
+        )
+    rows, report = load_training_rows(stage.data, seed, kind="preference")
+    rows = [{k: r[k] for k in PAIR_KEYS if k in r} for r in rows]
+    eval_rows: list[dict] = []
+    if stage.eval_data is not None:
+        eval_rows, eval_report = load_training_rows(stage.eval_data, seed, kind="preference")
+        eval_rows = [{k: r[k] for k in PAIR_KEYS if k in r} for r in eval_rows]
+        report["eval_data"] = eval_report
+    elif stage.eval_fraction > 0:
+        order = list(range(len(rows)))
+        random.Random(seed + 2).shuffle(order)
+        n_eval = max(1, math.ceil(stage.eval_fraction * len(rows)))
+        if n_eval >= len(rows):
+            raise UserError(f"stage '{stage.name}': eval_fraction {stage.eval_fraction} leaves no training pairs "
+                            f"out of {len(rows)}")
+        held = set(order[:n_eval])
+        eval_rows = [rows[i] for i in sorted(held)]
+        rows = [r for i, r in enumerate(rows) if i not in held]
+    report.update(train_pairs=len(rows), eval_pairs=len(eval_rows))
+    return rows, eval_rows, report
+
+
+def run(stage: Config, context: StageContext) -> StageResult:
+    set_seed(context.seed)
+    tokenizer = context.tokenizer()
+    train_rows, eval_rows, data_report = load_pairs(stage, context.seed)
+    print(f"[{stage.name}] {len(train_rows)} training pairs, {len(eval_rows)} held-out pairs "
+          f"(bad rows skipped {data_report['bad_rows_skipped']})")
+    dtype = resolve_stage_dtype(stage.dtype)
+    policy = context.load_policy(stage, tokenizer)
+
+    merging = None
+    if stage.optimizer == "online_merging":
+        base = stage.base_model or context.recipe.model
+        # τ_r from the weights the stage starts from (also on resume: the optimizer state then replaces it).
+        delta = compute_sft_delta(
+            [(n, p) for n, p in policy.named_parameters() if p.requires_grad], base,
+            tokenizer=tokenizer, dtype=dtype, seed=context.seed,
+        )
+        norm = math.sqrt(sum(float(t.float().pow(2).sum()) for t in delta.values()))
+        print(f"[{stage.name}] online merging ({stage.variant}, p={stage.reserve_rate:g}, "
+              f"α={stage.merge_alpha:g}); SFT delta from base '{base}': norm {norm:.4g}")
+        merging = {"variant": stage.variant, "sft_delta": delta, "reserve_rate": stage.reserve_rate,
+                   "merge_alpha": stage.merge_alpha, "rescale": stage.merge_rescale, "merge_every": stage.merge_every}
+
+    ref_model = None
+    if not stage.precompute_ref_log_probs:
+        ref_model = load_model(context.init_source, "policy", tokenizer=tokenizer, dtype=dtype,
+                               attn_implementation=stage.attn_implementation, seed=context.seed)
+    peft_config = None
+    if stage.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **stage.lora.model_dump())
+    trainer = OnlineMergingDPOTrainer(
+        model=policy,
+        ref_model=ref_model,
+        args=training_args(stage, context),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[MetricsLogger(context, stage.name)],
+        merging=merging,
+    )
+
+    reference_scores = None
+    if eval_rows:  # before training the policy is the reference: its scores are π_ref's
+        reference_scores = trainer.sequence_logps(trainer.model, trainer.eval_dataset)
+    train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
+    model = trainer.model
+    metrics: dict[str, Any] = {
+        "train_loss": train_output.training_loss,
+        "train_steps": train_output.global_step,
+        "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+        "optimizer": stage.optimizer_settings(),
+        "beta": stage.beta,
+        "loss_type": trainer.loss_types,
+        "loss_weights": trainer.loss_weights,
+        "data": data_report,
+    }
+    if trainer.merging_optimizer is not None:
+        metrics["optimizer"] = {"optimizer": "online_merging", **trainer.merging_optimizer.settings()}
+    if reference_scores is not None:
+        before = pair_metrics(reference_scores, reference_scores, stage.beta)
+        after = pair_metrics(trainer.sequence_logps(model, trainer.eval_dataset), reference_scores, stage.beta)
+        metrics["heldout_pairs"] = {"before": before, "after": after}
+        metrics["heldout_pair_accuracy"] = after["pair_accuracy"]
+        print(f"[{stage.name}] held-out pairs: implicit-reward accuracy {after['pair_accuracy']:.1%} "
+              f"(margin {after['reward_margin']:.3g}); policy prefers chosen {before['logp_accuracy']:.1%} -> "
+              f"{after['logp_accuracy']:.1%} on {after['pairs']} pairs")
+        context.log_metrics({"stage": stage.name, "heldout_pair_accuracy": after["pair_accuracy"],
+                             "heldout_logp_accuracy": after["logp_accuracy"]})
+
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        save_checkpoint(model, tokenizer, context.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        metrics.update(context.evaluate_task(stage, model, tokenizer))
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return StageResult(output=context.output_dir, metrics=metrics)
