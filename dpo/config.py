@@ -21,8 +21,8 @@ TRL_LOSS_TYPES = (
 
 class Config(StageConfig):
     kind: Literal["dpo"] = "dpo"
-    data: DataConfig | None = Field(
-        None, description="Preference pairs (prompt/chosen/rejected, TRL's format); required to run. "
+    data: DataConfig = Field(
+        description="Preference pairs (prompt/chosen/rejected, TRL's format); required. "
         "`{sources: [{stage: rejection_sampling}]}` reads that stage's pairs."
     )
     eval_data: DataConfig | None = Field(None, description="Held-out pairs for pair accuracy (instead of eval_fraction).")

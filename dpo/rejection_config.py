@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -27,6 +27,7 @@ class ReviewOptions(Strict):
 
 
 class RejectionSamplingConfig(StageConfig):
+    trains: ClassVar[bool] = False
     kind: Literal["rejection_sampling"] = "rejection_sampling"
     data: DataConfig = Field(description="Prompts whose rows name a verifier (answer, tests, instructions).")
     samples_per_prompt: int = Field(8, gt=0, description="Responses sampled per prompt from the policy.")

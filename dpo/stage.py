@@ -20,7 +20,7 @@ from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
 from qwen_align.model import load_model, save_checkpoint
-from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype, trainer_arguments
 
 from .config import Config
 from .online_merging import compute_sft_delta
@@ -32,45 +32,20 @@ PAIR_KEYS = ("prompt", "chosen", "rejected")
 
 
 def training_args(stage: Config, context: StageContext) -> DPOConfig:
-    dtype = resolve_stage_dtype(stage.dtype)
     loss_types, loss_weights = stage.losses()
     return DPOConfig(
-        output_dir=str(context.checkpoints_dir),
-        seed=context.seed,
-        learning_rate=stage.learning_rate,
-        num_train_epochs=stage.num_train_epochs,
-        max_steps=stage.max_steps,
-        per_device_train_batch_size=stage.per_device_train_batch_size,
+        **trainer_arguments(stage, context),
         per_device_eval_batch_size=stage.eval_batch_size,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
-        weight_decay=stage.weight_decay,
-        max_grad_norm=stage.max_grad_norm,
-        lr_scheduler_type=stage.lr_scheduler_type,
-        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
-        warmup_steps=stage.warmup_steps,
-        logging_steps=stage.logging_steps,
-        save_steps=stage.save_steps,
-        save_total_limit=stage.save_total_limit,
-        activation_checkpointing=stage.gradient_checkpointing,  # TRL's DPOConfig would default it on
-        dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
         max_length=stage.max_length,
         beta=stage.beta,
         loss_type=loss_types,
         loss_weights=loss_weights,
         precompute_ref_log_probs=stage.precompute_ref_log_probs,
-        report_to="none",
     )
 
 
 def load_pairs(stage: Config, seed: int) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Training pairs, held-out pairs (eval_data, or a seeded eval_fraction of data) and a data report."""
-    if stage.data is None:
-        raise UserError(
-            f"stage '{stage.name}': data: required — preference pairs, e.g. "
-            "`data: {sources: [{stage: rejection_sampling}]}` or a JSONL of prompt/chosen/rejected rows"
-        )
     rows, report = load_training_rows(stage.data, seed, kind="preference")
     rows = [{k: r[k] for k in PAIR_KEYS if k in r} for r in rows]
     eval_rows: list[dict] = []

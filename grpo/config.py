@@ -150,6 +150,11 @@ class Config(StageConfig):
             names.append(rm_stages[-1])
         return [n for n in dict.fromkeys(names) if n is not None and n in {s.name for s in earlier}]
 
+    def resolve_paths(self, fix, stage_names: set[str]) -> None:
+        for spec in self.rewards:
+            if spec.source is not None and spec.source not in stage_names:
+                spec.source = fix(spec.source)
+
     def key_hyperparameters(self) -> dict[str, Any]:
         rewards = " + ".join(f"{r.weight:g}*{r.label}" for r in self.rewards)
         order = "reward variance" if self.order_by_reward_variance else "shuffled"

@@ -11,7 +11,6 @@ from typing import Any
 
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
-from qwen_align.recipe import DataConfig
 
 from .rewards import VERIFIER_COLUMN
 
@@ -24,17 +23,6 @@ def reward_model_stage(stage, recipe):
     earlier = recipe.stages[: names.index(stage.name)] if stage.name in names else recipe.stages
     found = [s for s in earlier if s.kind == "reward_model"]
     return found[-1] if found else None
-
-
-def _resolved(data: DataConfig, context) -> DataConfig:
-    """A copy whose sources that name a stage point at that stage's (completed) output."""
-    data = data.model_copy(deep=True)
-    for src in data.sources:
-        if src.stage:
-            base = context.stage_output(src.stage, src.output)
-            src.path = f"{base}/{src.path}" if src.path else base
-            src.stage = src.output = None
-    return data
 
 
 def _verifier_fields(row: dict[str, Any]) -> str:
@@ -60,7 +48,7 @@ def load_queries(stage, context) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if rm is None or rm.data is None:
             raise UserError(f"stage '{stage.name}': no query set; give it `data` (prompt rows), or give the "
                             f"reward_model stage{' ' + repr(rm.name) if rm else ''} `data` to share its prompts")
-        rows, report = load_training_rows(_resolved(rm.data, context), context.seed, kind="preference")
+        rows, report = load_training_rows(context.resolve_data(rm.data), context.seed, kind="preference")
         prompts = [(_pair_prompt(r), _verifier_fields(r)) for r in rows]
         report["query_source"] = f"stage {rm.name} (prompts of its preference pairs)"
     queries, seen = [], set()

@@ -12,7 +12,7 @@ from trl import GRPOConfig
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.generation import SamplingParams
 from qwen_align.model import load_model, save_checkpoint
-from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype, trainer_arguments
 
 from .config import Config
 from .ordering import OrderingSchedule
@@ -26,28 +26,9 @@ ORDERING_FILE = "ordering.json"
 
 
 def training_args(stage: Config, context: StageContext) -> GRPOConfig:
-    dtype = resolve_stage_dtype(stage.dtype)
     return GRPOConfig(
-        output_dir=str(context.checkpoints_dir),
-        seed=context.seed,
-        learning_rate=stage.learning_rate,
-        num_train_epochs=stage.num_train_epochs,
-        max_steps=stage.max_steps,
-        per_device_train_batch_size=stage.per_device_train_batch_size,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        **trainer_arguments(stage, context),
         steps_per_generation=stage.steps_per_generation,
-        weight_decay=stage.weight_decay,
-        max_grad_norm=stage.max_grad_norm,
-        lr_scheduler_type=stage.lr_scheduler_type,
-        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
-        warmup_steps=stage.warmup_steps,
-        logging_steps=stage.logging_steps,
-        save_steps=stage.save_steps,
-        save_total_limit=stage.save_total_limit,
-        gradient_checkpointing=stage.gradient_checkpointing,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
         num_generations=stage.num_generations,
         num_iterations=stage.num_iterations,
         loss_type=stage.loss_type,
@@ -60,7 +41,6 @@ def training_args(stage: Config, context: StageContext) -> GRPOConfig:
         max_completion_length=stage.max_completion_length,
         reward_weights=[r.weight for r in stage.rewards],
         shuffle_dataset=not stage.order_by_reward_variance,
-        report_to="none",
     )
 
 

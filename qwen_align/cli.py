@@ -56,7 +56,8 @@ def _plan(args) -> None:
     if args.json:
         out = recipe.resolved_json()
         for stage, raw in zip(recipe.stages, out["stages"]):
-            raw["effective_global_batch"] = stage.global_batch(recipe.num_processes)
+            if stage.trains:
+                raw["effective_global_batch"] = stage.global_batch(recipe.num_processes)
         print(json.dumps(out, indent=2))
         return
     print(f"recipe {recipe.source}: model {recipe.model}, run_dir {recipe.run_dir}, seed {recipe.seed}, "
@@ -69,9 +70,8 @@ def _plan(args) -> None:
             print(f"   data: {sources}")
         params = "  ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in stage.key_hyperparameters().items())
         print(f"   {params}")
-        batch = stage.global_batch(recipe.num_processes)
-        print(f"   global batch: {stage.per_device_train_batch_size} per device x {stage.gradient_accumulation_steps} "
-              f"accumulation x {recipe.num_processes} process(es) = {batch}")
+        if stage.trains:
+            print(f"   global batch: {stage.batch_arithmetic(recipe.num_processes)}")
 
 
 def _run(args) -> None:

@@ -11,7 +11,3 @@ class RecipeError(UserError):
 
 class DataError(UserError):
     pass
-
-
-class StageNotBuiltError(UserError):
-    pass

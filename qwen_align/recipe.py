@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -96,6 +96,8 @@ STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 class StageConfig(Strict):
     """Options every stage kind has. Training options keep their transformers/TRL names."""
 
+    trains: ClassVar[bool] = True  # False for kinds that only sample (no optimizer, no global batch)
+
     name: str = Field(description="Unique name; other stages refer to it in `init_from`.")
     kind: str = Field(description="One of: " + ", ".join(registry.STAGE_KINDS))
     init_from: str | None = Field(
@@ -137,9 +139,26 @@ class StageConfig(Strict):
     def global_batch(self, num_processes: int) -> int:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
 
+    def data_fields(self) -> dict[str, DataConfig]:
+        """Every data option the stage has (`data`, and kinds' extras such as `eval_data`), by key."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return {name: value for name, value in fields.items() if isinstance(value, DataConfig)}
+
     def check_recipe(self, recipe: "Recipe") -> tuple[str, str] | None:
         """Checks that need the whole recipe (e.g. `num_processes`): (key, problem) or None; kinds override."""
         return None
+
+    def referenced_stages(self, recipe: "Recipe") -> list[str]:
+        """Earlier stages read through options of the kind's own (e.g. a reward model); kinds override."""
+        return []
+
+    def resolve_paths(self, fix: Callable[[str], str], stage_names: set[str]) -> None:
+        """Make the kind's own path options absolute with `fix`, leaving stage names alone; kinds override."""
+
+    def batch_arithmetic(self, num_processes: int) -> str:
+        """How the global batch comes about, for `plan`."""
+        return (f"{self.per_device_train_batch_size} per device x {self.gradient_accumulation_steps} accumulation "
+                f"x {num_processes} process(es) = {self.global_batch(num_processes)}")
 
     def key_hyperparameters(self) -> dict[str, Any]:
         """What `plan` shows for this stage; kinds extend it."""
@@ -333,7 +352,8 @@ def _check_stages_against_recipe(recipe: Recipe, lines: dict[tuple, int]) -> Non
         problem = stage.check_recipe(recipe)
         if problem:
             key, message = problem
-            raise _error_line(recipe.source, ("stages", i, *key.split(".")), lines, message)
+            parts = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+            raise _error_line(recipe.source, ("stages", i, *parts), lines, message)
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
@@ -359,14 +379,15 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         if stage.init_from and stage.init_from not in names:
             stage.init_from = fix(stage.init_from)
         names.add(stage.name)
-        if stage.data:
-            for src in stage.data.sources:
+        for data in stage.data_fields().values():
+            for src in data.sources:
                 if src.path is not None and src.stage is None:
                     src.path = fix(src.path)
-            if isinstance(stage.data.system_prompts, str):
-                stage.data.system_prompts = fix(stage.data.system_prompts)
+            if isinstance(data.system_prompts, str):
+                data.system_prompts = fix(data.system_prompts)
         if stage.task_eval:
             stage.task_eval.path = fix(stage.task_eval.path)
+        stage.resolve_paths(fix, {s.name for s in recipe.stages})
 
 
 def _check_chain(recipe: Recipe, lines: dict[tuple, int], base_dir: Path) -> None:
@@ -380,19 +401,21 @@ def _check_chain(recipe: Recipe, lines: dict[tuple, int], base_dir: Path) -> Non
             if later or not (base_dir / Path(ref).expanduser()).exists():
                 why = "names a later stage" if later else "is neither an earlier stage nor an existing path"
                 raise _error_line(recipe.source, ("stages", i, "init_from"), lines, f"{ref!r} {why}")
-        for j, src in enumerate(stage.data.sources if stage.data else []):
-            if src.stage is not None and src.stage not in seen:
-                why = "names a later stage" if any(s.name == src.stage for s in recipe.stages) else "is not a stage"
-                where = ("stages", i, "data", "sources", j, "stage")
-                raise _error_line(recipe.source, where, lines, f"{src.stage!r} {why}; name an earlier stage")
+        for key, data in stage.data_fields().items():
+            for j, src in enumerate(data.sources):
+                if src.stage is not None and src.stage not in seen:
+                    why = "names a later stage" if any(s.name == src.stage for s in recipe.stages) else "is not a stage"
+                    where = ("stages", i, key, "sources", j, "stage")
+                    raise _error_line(recipe.source, where, lines, f"{src.stage!r} {why}; name an earlier stage")
         seen.add(stage.name)
 
 
-def upstream_stages(stage: StageConfig) -> list[str]:
-    """Names of the stages whose outputs this stage reads: its `init_from` and its data sources' `stage`."""
+def upstream_stages(recipe: Recipe, stage: StageConfig) -> list[str]:
+    """Names of the stages whose outputs this stage reads: `init_from`, data sources' `stage`, and the kind's own."""
     names = [stage.init_from] if stage.init_from else []
-    names += [src.stage for src in (stage.data.sources if stage.data else []) if src.stage]
-    return names
+    names += [src.stage for data in stage.data_fields().values() for src in data.sources if src.stage]
+    names += stage.referenced_stages(recipe)
+    return list(dict.fromkeys(names))
 
 
 def stage_hash(recipe: Recipe, stage: StageConfig, upstream_hash: str | None) -> str:

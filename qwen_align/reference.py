@@ -37,7 +37,14 @@ def _default(field) -> str:
     value = field.default_factory() if field.default_factory is not None else field.default
     if isinstance(value, BaseModel):
         return "{...}"
-    return f"`{json.dumps(value)}`"
+    return f"`{json.dumps(value, default=lambda v: v.model_dump() if isinstance(v, BaseModel) else str(v))}`"
+
+
+def _nested_models(annotation) -> list[type[BaseModel]]:
+    """Option groups inside a field's type (e.g. `list[RewardSpec]`, `ReviewOptions | None`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _nested_models(arg)]
 
 
 def _table(model: type[BaseModel], skip_same_as: type[BaseModel] | None = None) -> list[str]:
@@ -60,10 +67,16 @@ def render() -> str:
     for title, model in [("`data`", DataConfig), ("`data.sources[]`", DataSource), ("`task_eval`", TaskEval),
                          ("`lora`", LoraOptions)]:
         out += ["", f"### {title}", "", *_table(model)]
+    documented = {DataConfig, DataSource, TaskEval, LoraOptions}
     for kind in registry.STAGE_KINDS:
         config = registry.config_class(kind)
         out += ["", f"### Stage kind `{kind}` (options and defaults beyond the common ones)", "",
                 *_table(config, skip_same_as=StageConfig)]
+        for name, field in config.model_fields.items():
+            for model in _nested_models(field.annotation):
+                if model not in documented:
+                    documented.add(model)
+                    out += ["", f"#### `{kind}`: `{name}`", "", *_table(model)]
     out += ["", END]
     return "\n".join(out)
 

@@ -92,7 +92,7 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None 
 
     hashes: dict[str, str] = {}
     for stage in recipe.stages:
-        upstream = ",".join(hashes.get(name, name) for name in upstream_stages(stage)) or None
+        upstream = ",".join(hashes.get(name, name) for name in upstream_stages(recipe, stage)) or None
         hashes[stage.name] = stage_hash(recipe, stage, upstream)
         if stage.name not in selected:
             continue
@@ -123,20 +123,21 @@ def _completed_output(recipe: Recipe, manifest: Manifest, reader: str, name: str
         raise RecipeError(f"stage '{reader}' needs an earlier stage's output: {e}") from None
 
 
-def _with_stage_sources(recipe: Recipe, stage: StageConfig, manifest: Manifest) -> StageConfig:
+def _with_stage_sources(stage: StageConfig, context: StageContext) -> StageConfig:
     """A copy of `stage` whose data sources that name an earlier stage point at that stage's output."""
-    if not stage.data or not any(src.stage for src in stage.data.sources):
+    fields = stage.data_fields()
+    if not any(src.stage for data in fields.values() for src in data.sources):
         return stage
     stage = stage.model_copy(deep=True)
-    for src in stage.data.sources:
-        if src.stage:
-            base = Path(_completed_output(recipe, manifest, stage.name, src.stage, src.output))
-            src.path = str(base / src.path) if src.path else str(base)
+    for key, data in fields.items():
+        try:
+            setattr(stage, key, context.resolve_data(data))
+        except UserError as e:
+            raise RecipeError(f"stage '{stage.name}' reads {key} from an earlier stage: {e}") from None
     return stage
 
 
 def _run_stage(recipe: Recipe, stage: StageConfig, config_hash: str, manifest: Manifest, run_dir: Path) -> None:
-    stage = _with_stage_sources(recipe, stage, manifest)
     stage_dir = run_dir / stage.name
     entry = manifest.entry(stage.name) or {}
     resume = None
@@ -154,6 +155,7 @@ def _run_stage(recipe: Recipe, stage: StageConfig, config_hash: str, manifest: M
         is_main_process=is_main_process(),
         manifest=manifest.data,
     )
+    stage = _with_stage_sources(stage, context)
     module = registry.stage_module(stage.kind)
     print(f"[{stage.name}] {stage.kind} from {context.init_source}" + (f", resuming {resume}" if resume else ""))
     manifest.update(

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import StageNotBuiltError, UserError
-from .recipe import Recipe, StageConfig
+from .errors import UserError
+from .recipe import DataConfig, Recipe, StageConfig
 
 if TYPE_CHECKING:  # heavy imports stay out of `qwen-align plan`
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,6 +60,15 @@ class StageContext:
         if output not in outputs:
             raise UserError(f"stage '{name}' has no output '{output}' (it has: {', '.join(outputs) or 'none'})")
         return outputs[output]
+
+    def resolve_data(self, data: DataConfig) -> DataConfig:
+        """A copy of `data` whose sources that name an earlier stage point at that stage's output folder."""
+        data = data.model_copy(deep=True)
+        for src in data.sources:
+            if src.stage:
+                base = Path(self.stage_output(src.stage, src.output))
+                src.path = str(base / src.path) if src.path else str(base)
+        return data
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer travels with checkpoints; a preset start takes the recipe's `tokenizer`."""
@@ -112,9 +121,33 @@ def resolve_stage_dtype(dtype: str) -> str:
     return "float32"
 
 
-def not_built(stage: StageConfig) -> StageResult:
-    """What a stage kind that is specified but not implemented yet does when run."""
-    raise StageNotBuiltError(
-        f"stage '{stage.name}': kind '{stage.kind}' is not built yet in this version of qwen-align; "
-        f"run the stages before it with --until, or drop it from the recipe"
+def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, Any]:
+    """The transformers TrainingArguments every training stage shares, from the common stage options.
+
+    Each kind passes these to its TRL config class (SFTConfig, DPOConfig, ...) next to its own options.
+    """
+    import torch
+
+    dtype = resolve_stage_dtype(stage.dtype)
+    return dict(
+        output_dir=str(context.checkpoints_dir),
+        seed=context.seed,
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_train_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_train_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        lr_scheduler_type=stage.lr_scheduler_type,
+        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
+        warmup_steps=stage.warmup_steps,
+        logging_steps=stage.logging_steps,
+        save_steps=stage.save_steps,
+        save_total_limit=stage.save_total_limit,
+        activation_checkpointing=stage.gradient_checkpointing,  # transformers 5's name; TRL configs default it on
+        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        report_to="none",
     )

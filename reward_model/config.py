@@ -12,9 +12,9 @@ from qwen_align.recipe import DataConfig, StageConfig
 
 class Config(StageConfig):
     kind: Literal["reward_model"] = "reward_model"
-    data: DataConfig | None = Field(
-        None, description="Preference pairs (prompt/chosen/rejected, TRL's format; an optional numeric `margin` "
-        "column enters the Bradley-Terry loss); required to run. A source may be `{stage: rejection_sampling}`."
+    data: DataConfig = Field(
+        description="Preference pairs (prompt/chosen/rejected, TRL's format; an optional numeric `margin` "
+        "column enters the Bradley-Terry loss); required. A source may be `{stage: rejection_sampling}`."
     )
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the pairs.")

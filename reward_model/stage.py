@@ -12,10 +12,9 @@ from trl import RewardConfig, RewardTrainer
 
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
-from qwen_align.errors import UserError
 from qwen_align.model import load_model, save_checkpoint
 from qwen_align.rm_eval.scorer import score_items
-from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype, trainer_arguments
 
 from .config import Config
 from .dataset import as_items, split_heldout, tokenize_pairs
@@ -24,30 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def training_args(stage: Config, context: StageContext) -> RewardConfig:
-    dtype = resolve_stage_dtype(stage.dtype)
     return RewardConfig(
-        output_dir=str(context.checkpoints_dir),
-        seed=context.seed,
-        learning_rate=stage.learning_rate,
-        num_train_epochs=stage.num_train_epochs,
-        max_steps=stage.max_steps,
-        per_device_train_batch_size=stage.per_device_train_batch_size,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
-        weight_decay=stage.weight_decay,
-        max_grad_norm=stage.max_grad_norm,
-        lr_scheduler_type=stage.lr_scheduler_type,
-        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
-        warmup_steps=stage.warmup_steps,
-        logging_steps=stage.logging_steps,
-        save_steps=stage.save_steps,
-        save_total_limit=stage.save_total_limit,
-        activation_checkpointing=stage.gradient_checkpointing,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
+        **trainer_arguments(stage, context),
         max_length=stage.max_length,
         center_rewards_coefficient=stage.center_rewards_coefficient,
-        report_to="none",
     )
 
 
@@ -65,8 +44,6 @@ def heldout_metrics(model, tokenizer, items, stage: Config) -> dict:
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
-    if stage.data is None:
-        raise UserError(f"stage '{stage.name}': reward_model needs `data` (preference pairs with chosen/rejected)")
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     rows, data_report = load_training_rows(stage.data, context.seed, kind="preference")

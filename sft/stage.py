@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 from qwen_align.data import load_training_rows
 from qwen_align.model import save_checkpoint
 from qwen_align.callbacks import MetricsLogger
-from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
+from qwen_align.stage import StageContext, StageResult, trainer_arguments
 
 from .config import Config
 from .dataset import tokenize_conversations
@@ -20,34 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def training_args(stage: Config, context: StageContext) -> SFTConfig:
-    dtype = resolve_stage_dtype(stage.dtype)
     return SFTConfig(
-        output_dir=str(context.checkpoints_dir),
-        seed=context.seed,
-        learning_rate=stage.learning_rate,
-        num_train_epochs=stage.num_train_epochs,
-        max_steps=stage.max_steps,
-        per_device_train_batch_size=stage.per_device_train_batch_size,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
-        weight_decay=stage.weight_decay,
-        max_grad_norm=stage.max_grad_norm,
-        lr_scheduler_type=stage.lr_scheduler_type,
-        lr_scheduler_kwargs=stage.lr_scheduler_kwargs or None,
-        warmup_steps=stage.warmup_steps,
-        logging_steps=stage.logging_steps,
-        save_steps=stage.save_steps,
-        save_total_limit=stage.save_total_limit,
-        activation_checkpointing=stage.gradient_checkpointing,  # transformers 5's name for it
-        dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
+        **trainer_arguments(stage, context),
         max_length=stage.max_length,
         packing=stage.packing,
         packing_strategy="bfd",
         # The data arrives tokenised with its assistant mask; TRL turns the mask into labels.
         assistant_only_loss=False,
         dataset_num_proc=stage.dataset_num_proc,
-        report_to="none",
     )
 
 

@@ -11,7 +11,7 @@ import yaml
 from helpers import write_jsonl
 from safetensors.torch import load_file
 
-from qwen_align.errors import UserError
+from qwen_align.errors import RecipeError, UserError
 from qwen_align.recipe import load_recipe
 from qwen_align.runner import run_recipe
 
@@ -96,5 +96,5 @@ def test_dpo_without_data_fails_clearly(small_sft_recipe):
     path, raw = small_sft_recipe
     raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft", "max_steps": 1})
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    with pytest.raises(UserError, match=r"stage 'dpo': data: required"):
-        run_recipe(load_recipe(path))
+    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: stages\[1\].data: required key is missing"):
+        load_recipe(path)

@@ -98,7 +98,8 @@ def test_bad_recipes_fail_with_one_line(tmp_path, text, expected):
 
 
 def test_init_from_a_later_stage_is_refused(tmp_path):
-    text = BASE.replace("    kind: sft\n", "    kind: sft\n    init_from: dpo\n", 1) + "  - name: dpo\n    kind: dpo\n"
+    text = BASE.replace("    kind: sft\n", "    kind: sft\n    init_from: dpo\n", 1) + (
+        "  - name: dpo\n    kind: dpo\n    data: {sources: [{stage: sft}]}\n")
     with pytest.raises(RecipeError, match="init_from: 'dpo' names a later stage"):
         load_recipe(write(tmp_path, text))
 
@@ -186,7 +187,8 @@ def test_a_stage_kind_can_check_the_whole_recipe(monkeypatch):
         return None if recipe.num_processes == 2 else ("per_device_train_batch_size", "needs num_processes 2")
 
     monkeypatch.setattr(StageConfig, "check_recipe", needs_two)
-    raw = {"model": "tiny", "run_dir": "r", "stages": [{"name": "a", "kind": "reward_model"}]}
+    raw = {"model": "tiny", "run_dir": "r",
+           "stages": [{"name": "a", "kind": "reward_model", "data": {"sources": [{"path": "."}]}}]}
     with pytest.raises(RecipeError, match=r"stages\[0\].per_device_train_batch_size: needs num_processes 2"):
         validate_recipe(raw, "r.yaml")
     assert validate_recipe({**raw, "num_processes": 2}, "r.yaml").num_processes == 2

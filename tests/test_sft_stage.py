@@ -12,7 +12,7 @@ import yaml
 from helpers import arithmetic_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from qwen_align.errors import DataError, StageNotBuiltError
+from qwen_align.errors import DataError
 from qwen_align.recipe import load_recipe
 from qwen_align.runner import run_recipe
 from sft.dataset import tokenize_conversations
@@ -81,9 +81,9 @@ def test_bad_data_fails_clearly_and_writes_no_output(small_sft_recipe):
     assert not (path.parent / "run" / "sft" / "final").exists()
 
 
-def test_cli_one_line_for_bad_data_and_unbuilt_stage(small_sft_recipe):
+def test_cli_one_line_for_bad_data_and_missing_upstream(small_sft_recipe):
     path, raw = small_sft_recipe
-    raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft"})
+    raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft", "data": {"sources": [{"stage": "sft"}]}})
     path.write_text(yaml.safe_dump(raw))
     proc = subprocess.run([sys.executable, "-m", "qwen_align.cli", "run", str(path), "--only", "dpo"],
                           capture_output=True, text=True)
@@ -96,13 +96,16 @@ def test_cli_one_line_for_bad_data_and_unbuilt_stage(small_sft_recipe):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "sft.jsonl:49" in proc.stderr
 
 
-def test_unbuilt_stage_kind_fails_with_one_clear_line(small_sft_recipe):
+def test_a_failing_later_stage_keeps_the_earlier_one_and_records_the_error(small_sft_recipe, tmp_path):
     path, raw = small_sft_recipe
-    raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft"})
+    missing = str(tmp_path / "no_pairs.jsonl")
+    raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft", "data": {"sources": [{"path": missing}]}})
     path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(StageNotBuiltError, match="kind 'dpo' is not built yet"):
+    with pytest.raises(DataError, match="no_pairs.jsonl: data file not found"):
         run_recipe(load_recipe(path))
-    assert _manifest(raw)["stages"]["sft"]["status"] == "completed"
+    stages = _manifest(raw)["stages"]
+    assert stages["sft"]["status"] == "completed"
+    assert stages["dpo"]["status"] == "failed" and "data file not found" in stages["dpo"]["error"]
 
 
 def test_fused_loss_trains_like_trl_loss(small_sft_recipe):

@@ -14,7 +14,7 @@ from qwen_align.stage import StageContext
 def _context(manifest):
     recipe = validate_recipe({"model": "tiny", "run_dir": "r", "stages": [
         {"name": "rs", "kind": "rejection_sampling", "data": {"sources": [{"path": "."}]}},
-        {"name": "rm", "kind": "reward_model"},
+        {"name": "rm", "kind": "reward_model", "data": {"sources": [{"stage": "rs"}]}},
     ]}, "r.yaml")
     return StageContext(recipe, Path("r/rm"), "tiny", None, Path("m.jsonl"), manifest=manifest)
 
