@@ -110,6 +110,12 @@ class Config(StageConfig):
         return {"optimizer": "online_merging", "variant": self.variant, "reserve_rate": self.reserve_rate,
                 "merge_alpha": self.merge_alpha, "merge_rescale": self.merge_rescale, "merge_every": self.merge_every}
 
+    def resolve_paths(self, fix, stage_names: set[str]) -> None:
+        from qwen_align.presets import preset_name
+
+        if self.base_model is not None and preset_name(self.base_model) is None:
+            self.base_model = fix(self.base_model)
+
     def key_hyperparameters(self) -> dict[str, Any]:
         return {**super().key_hyperparameters(), "beta": self.beta, "loss_type": self.loss_type,
                 "nll_weight": self.nll_weight, **self.optimizer_settings()}

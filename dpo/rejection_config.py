@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from qwen_align.recipe import DataConfig, StageConfig, Strict
 
@@ -24,6 +25,17 @@ class ReviewOptions(Strict):
     )
     min_margin: float = Field(0.0, description="RM score of chosen minus RM score of rejected must exceed this.")
     reward_batch_size: int = Field(16, gt=0, description="Conversations scored at once by the reward model.")
+
+
+    @field_validator("reject_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"reject_patterns[{i}] {pattern!r} is not a valid regex ({e})") from None
+        return patterns
 
 
 class RejectionSamplingConfig(StageConfig):
@@ -54,6 +66,16 @@ class RejectionSamplingConfig(StageConfig):
     verify_workers: int | None = Field(
         None, gt=0, description="Parallel verifier workers (code tests); default: the verifier's own choice."
     )
+
+    def check_recipe(self, recipe) -> tuple[str, str] | None:
+        rm = self.review.reward_model
+        names = [s.name for s in recipe.stages]
+        if rm is None or rm not in names:
+            return None  # none, or a checkpoint folder
+        earlier = recipe.stages[: names.index(self.name)]
+        if not any(s.name == rm and s.kind == "reward_model" for s in earlier):
+            return ("review.reward_model", f"{rm!r} is not an earlier reward_model stage; name one, or a checkpoint folder")
+        return None
 
     def resolve_paths(self, fix, stage_names: set[str]) -> None:
         rm = self.review.reward_model

@@ -195,7 +195,8 @@ def _messages_problem(messages: Any, name: str) -> str | None:
 
 def preference_problem(row: dict[str, Any]) -> str | None:
     """Why `row` is not a TRL preference pair, or None. Accepted: `prompt` (text or messages) with `chosen`
-    and `rejected` (text or assistant messages), or implicit-prompt pairs (whole conversations)."""
+    and `rejected` (text, or messages ending with the assistant's answer), or implicit-prompt pairs (whole
+    conversations that end with the answer)."""
     for key in ("chosen", "rejected"):
         if key not in row:
             return f"missing '{key}' (a preference row has prompt, chosen and rejected)"
@@ -203,17 +204,18 @@ def preference_problem(row: dict[str, Any]) -> str | None:
     if isinstance(chosen, str) != isinstance(rejected, str):
         return "'chosen' and 'rejected' must both be text or both be message lists"
     if isinstance(chosen, str):
-        if prompt is not None and not isinstance(prompt, str):
-            return "'prompt' must be text when chosen/rejected are text"
+        if not isinstance(prompt, str):
+            return "text pairs need 'prompt' as text too (or give chosen/rejected as message lists)"
         return None
     for key in ("chosen", "rejected"):
         problem = _messages_problem(row[key], key)
         if problem:
             return problem
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        what = "the answers" if prompt is not None else "whole conversations"
+        return f"chosen and rejected must be {what} ending with an assistant turn"
     if prompt is not None:
         return _messages_problem(prompt, "prompt")
-    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-        return "without 'prompt', chosen and rejected must be whole conversations ending with an assistant turn"
     return None
 
 

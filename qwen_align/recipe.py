@@ -53,7 +53,8 @@ class DataSource(Strict):
     def describe(self) -> str:
         if self.stage is None:
             return Path(self.path).name
-        return f"stage {self.stage}" + (f" ({self.output})" if self.output else "")
+        where = f"stage {self.stage}" + (f" ({self.output})" if self.output else "")
+        return where + (f"/{self.path}" if self.path else "")
 
 
 class DataConfig(Strict):

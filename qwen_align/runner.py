@@ -104,21 +104,22 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None 
         ):
             print(f"[{stage.name}] completed earlier with the same config; skipping (output: {entry['output']})")
             continue
-        _run_stage(recipe, stage, hashes[stage.name], manifest, run_dir)
+        _run_stage(recipe, stage, hashes, manifest, run_dir)
     return manifest.data
 
 
-def _init_source(recipe: Recipe, stage: StageConfig, manifest: Manifest) -> str:
+def _init_source(recipe: Recipe, stage: StageConfig, manifest: Manifest, hashes: dict[str, str]) -> str:
     if stage.init_from is None:
         return recipe.model
     if any(s.name == stage.init_from for s in recipe.stages):
-        return _completed_output(recipe, manifest, stage.name, stage.init_from)
+        return _completed_output(recipe, manifest, hashes, stage.name, stage.init_from)
     return stage.init_from  # a path, checked when the recipe was loaded
 
 
-def _completed_output(recipe: Recipe, manifest: Manifest, reader: str, name: str, output: str | None = None) -> str:
+def _completed_output(recipe: Recipe, manifest: Manifest, hashes: dict[str, str], reader: str, name: str) -> str:
     try:
-        return StageContext(recipe, Path(), "", None, Path(), manifest=manifest.data).stage_output(name, output)
+        context = StageContext(recipe, Path(), "", None, Path(), manifest=manifest.data, stage_hashes=hashes)
+        return context.stage_output(name)
     except UserError as e:
         raise RecipeError(f"stage '{reader}' needs an earlier stage's output: {e}") from None
 
@@ -137,23 +138,30 @@ def _with_stage_sources(stage: StageConfig, context: StageContext) -> StageConfi
     return stage
 
 
-def _run_stage(recipe: Recipe, stage: StageConfig, config_hash: str, manifest: Manifest, run_dir: Path) -> None:
+def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manifest: Manifest, run_dir: Path) -> None:
+    config_hash = hashes[stage.name]
     stage_dir = run_dir / stage.name
     entry = manifest.entry(stage.name) or {}
+    init_source = _init_source(recipe, stage, manifest, hashes)
     resume = None
     checkpoints = stage_dir / "checkpoints"
-    if entry.get("config_hash") == config_hash and entry.get("status") in ("running", "failed", "interrupted"):
-        resume = _last_checkpoint(checkpoints)
-    elif checkpoints.exists():
-        shutil.rmtree(checkpoints)  # checkpoints of a different config must not be resumed
+    if entry.get("config_hash") == config_hash:
+        if entry.get("status") in ("running", "failed", "interrupted"):
+            resume = _last_checkpoint(checkpoints)
+    else:
+        # Work of a different config (or of different inputs) must be neither resumed nor reused.
+        for stale in (checkpoints, stage_dir / "final"):
+            if stale.exists():
+                shutil.rmtree(stale)
     context = StageContext(
         recipe=recipe,
         stage_dir=stage_dir,
-        init_source=_init_source(recipe, stage, manifest),
+        init_source=init_source,
         resume_checkpoint=resume,
         metrics_path=run_dir / "metrics.jsonl",
         is_main_process=is_main_process(),
         manifest=manifest.data,
+        stage_hashes=dict(hashes),
     )
     stage = _with_stage_sources(stage, context)
     module = registry.stage_module(stage.kind)

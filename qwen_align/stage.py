@@ -34,6 +34,7 @@ class StageContext:
     metrics_path: Path
     is_main_process: bool = True
     manifest: dict[str, Any] = field(default_factory=dict)  # the run's manifest as the stage starts
+    stage_hashes: dict[str, str] = field(default_factory=dict)  # what each earlier stage's config hash is now
 
     @property
     def output_dir(self) -> Path:
@@ -54,6 +55,9 @@ class StageContext:
         entry = self.manifest.get("stages", {}).get(name)
         if not entry or entry.get("status") != "completed":
             raise UserError(f"stage '{name}' has not completed in {self.recipe.run_dir}; run it first")
+        if name in self.stage_hashes and entry.get("config_hash") != self.stage_hashes[name]:
+            raise UserError(f"stage '{name}' is out of date in {self.recipe.run_dir} (its options or inputs changed "
+                            "since it ran); run it first")
         if output is None:
             return entry["output"]
         outputs = entry.get("outputs") or {}

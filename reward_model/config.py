@@ -31,7 +31,8 @@ class Config(StageConfig):
         0.05, ge=0, lt=1, description="Seeded share of the pairs held out for accuracy and mean margin."
     )
     eval_data: DataConfig | None = Field(
-        None, description="Separate held-out pairs (in addition to eval_fraction) for accuracy and mean margin."
+        None, description="Separate held-out pairs for accuracy and mean margin; they replace the eval_fraction "
+        "share unless eval_fraction is also set."
     )
     eval_batch_size: int = Field(16, gt=0, description="Conversations per forward pass when scoring held-out pairs.")
 

@@ -47,7 +47,11 @@ def run(stage: Config, context: StageContext) -> StageResult:
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     rows, data_report = load_training_rows(stage.data, context.seed, kind="preference")
-    train_items, heldout = split_heldout(as_items(rows, stage.name + ".data"), stage.eval_fraction, context.seed)
+    # As in the dpo stage: separate eval_data replaces the held-out share unless eval_fraction is set too.
+    fraction = stage.eval_fraction
+    if stage.eval_data is not None and "eval_fraction" not in stage.model_fields_set:
+        fraction = 0.0
+    train_items, heldout = split_heldout(as_items(rows, stage.name + ".data"), fraction, context.seed)
     if stage.eval_data is not None:
         extra_rows, _ = load_training_rows(stage.eval_data, context.seed, kind="preference")
         heldout += as_items(extra_rows, stage.name + ".eval_data")

@@ -129,11 +129,14 @@ def test_folder_of_shards_reads_every_data_file_in_order_and_skips_temporaries(t
     [
         ({"prompt": "q", "chosen": "a"}, "missing 'rejected'"),
         ({"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, "both be text"),
-        ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}, "'prompt' must be text"),
+        ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"}, "text pairs need 'prompt' as text"),
         ({"prompt": [{"role": "user", "content": "q"}], "chosen": [], "rejected": [{"role": "assistant", "content": "b"}]},
          "'chosen' must be a non-empty list"),
         ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]},
          "whole conversations ending with an assistant turn"),
+        ({"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "a"}],
+          "rejected": [{"role": "assistant", "content": "b"}]}, "the answers ending with an assistant turn"),
+        ({"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}, "text pairs need 'prompt'"),
     ],
 )
 def test_preference_rows_are_checked(tmp_path, row, reason):
