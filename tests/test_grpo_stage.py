@@ -9,7 +9,7 @@ import yaml
 
 from qwen_align.fsutil import atomic_write_json
 from qwen_align.model import load_model, save_checkpoint
-from qwen_align.recipe import load_recipe
+from qwen_align.recipe import load_recipe, stage_hash
 from qwen_align.runner import run_recipe
 
 
@@ -20,8 +20,6 @@ def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
     # A completed reward_model stage in the manifest, as the runner leaves it.
     rm_dir = save_checkpoint(load_model("tiny", "reward", tokenizer=demo_tokenizer, seed=1), demo_tokenizer,
                              tmp_path / "run" / "rm" / "final")
-    atomic_write_json(tmp_path / "run" / "manifest.json",
-                      {"stages": {"rm": {"status": "completed", "output": str(rm_dir), "kind": "reward_model"}}})
     raw = {"model": "tiny", "tokenizer": str(demo_tokenizer_dir), "run_dir": str(tmp_path / "run"), "seed": 0,
            "stages": [
                {"name": "rm", "kind": "reward_model", "data": {"sources": [{"path": "q.jsonl"}]}},
@@ -32,7 +30,11 @@ def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
                 "max_steps": 2, "max_completion_length": 3, "logging_steps": 1, "dtype": "float32"}]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
-    manifest = run_recipe(load_recipe(path), only=["grpo"])
+    recipe = load_recipe(path)
+    rm_hash = stage_hash(recipe, recipe.stages[0], None)  # what the runner records for an up-to-date stage
+    atomic_write_json(tmp_path / "run" / "manifest.json", {"stages": {"rm": {
+        "status": "completed", "output": str(rm_dir), "kind": "reward_model", "config_hash": rm_hash}}})
+    manifest = run_recipe(recipe, only=["grpo"])
     entry = manifest["stages"]["grpo"]
     assert entry["status"] == "completed"
     m = entry["metrics"]

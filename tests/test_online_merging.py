@@ -13,6 +13,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dpo.config import TRL_LOSS_TYPES, Config
 from dpo.online_merging import OnDARE, OnTIES, compute_sft_delta, sign_consensus, top_fraction_mask
+
+PAIRS = {"sources": [{"path": "pairs.jsonl"}]}  # options-only checks: the file is never read
 from qwen_align.errors import UserError
 
 
@@ -188,8 +190,8 @@ def test_lora_refused():
     with pytest.raises(UserError, match="LoRA adapter weight, which has no SFT delta"):
         OnDARE(trainable, perturbed_base(tiny_qwen()))
     with pytest.raises(ValueError, match="LoRA adapters have none"):
-        Config(name="dpo", kind="dpo", lora={"r": 4})
-    Config(name="dpo", kind="dpo", lora={"r": 4}, optimizer="adamw")
+        Config(name="dpo", kind="dpo", data=PAIRS, lora={"r": 4})
+    Config(name="dpo", kind="dpo", data=PAIRS, lora={"r": 4}, optimizer="adamw")
 
 
 def test_loss_types_match_installed_trl():
@@ -198,7 +200,7 @@ def test_loss_types_match_installed_trl():
     help_text = DPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
     assert set(re.findall(r"`'(\w+)'`", help_text)) == set(TRL_LOSS_TYPES)
     with pytest.raises(ValueError, match="unknown DPO loss type 'sigmoidd'; TRL offers: sigmoid, hinge"):
-        Config(name="dpo", kind="dpo", loss_type="sigmoidd")
-    cfg = Config(name="dpo", kind="dpo", loss_type=["sigmoid", "bco_pair"], loss_weights=[1.0, 0.5], nll_weight=0.2)
+        Config(name="dpo", kind="dpo", data=PAIRS, loss_type="sigmoidd")
+    cfg = Config(name="dpo", kind="dpo", data=PAIRS, loss_type=["sigmoid", "bco_pair"], loss_weights=[1.0, 0.5], nll_weight=0.2)
     assert cfg.losses() == (["sigmoid", "bco_pair", "sft"], [1.0, 0.5, 0.2])
-    assert Config(name="dpo", kind="dpo").learning_rate == 7e-7
+    assert Config(name="dpo", kind="dpo", data=PAIRS).learning_rate == 7e-7

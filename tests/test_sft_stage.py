@@ -12,7 +12,7 @@ import yaml
 from helpers import arithmetic_rows, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from qwen_align.errors import DataError
+from qwen_align.errors import DataError, RecipeError
 from qwen_align.recipe import load_recipe
 from qwen_align.runner import run_recipe
 from sft.dataset import tokenize_conversations
@@ -134,3 +134,14 @@ def test_lora_sft_saves_a_merged_plain_checkpoint(small_sft_recipe):
     model = AutoModelForCausalLM.from_pretrained(entry["output"])
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert entry["status"] == "completed"
+
+
+def test_a_stage_refuses_an_upstream_stage_that_changed_since_it_ran(small_sft_recipe):
+    path, raw = small_sft_recipe
+    raw["stages"].append({"name": "dpo", "kind": "dpo", "init_from": "sft",
+                          "data": {"sources": [{"path": raw["stages"][0]["data"]["sources"][0]["path"]}]}})
+    path.write_text(yaml.safe_dump(raw))
+    run_recipe(load_recipe(path), until="sft")
+    changed = load_recipe(path, ["stages.sft.learning_rate=2e-3"])
+    with pytest.raises(RecipeError, match="stage 'sft' is out of date .* run it first"):
+        run_recipe(changed, only=["dpo"])
