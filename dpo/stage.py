@@ -11,7 +11,6 @@ import math
 import random
 from typing import Any
 
-import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import DPOConfig
@@ -19,8 +18,10 @@ from trl import DPOConfig
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
-from qwen_align.model import load_model, save_checkpoint
-from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype, trainer_arguments
+from qwen_align.model import load_model
+from qwen_align.stage import (
+    StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
+)
 
 from .config import Config
 from .online_merging import compute_sft_delta
@@ -117,9 +118,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     model = trainer.model
     metrics: dict[str, Any] = {
-        "train_loss": train_output.training_loss,
-        "train_steps": train_output.global_step,
-        "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+        **train_metrics(train_output),
         "optimizer": stage.optimizer_settings(),
         "beta": stage.beta,
         "loss_type": trainer.loss_types,
@@ -139,13 +138,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         context.log_metrics({"stage": stage.name, "heldout_pair_accuracy": after["pair_accuracy"],
                              "heldout_logp_accuracy": after["logp_accuracy"]})
 
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if trainer.accelerator.is_main_process:
-        save_checkpoint(model, tokenizer, context.output_dir)
-    trainer.accelerator.wait_for_everyone()
+    model = save_trained_model(trainer, tokenizer, context)
     if trainer.accelerator.is_main_process:
         metrics.update(context.evaluate_task(stage, model, tokenizer))
-    if torch.cuda.is_available():
-        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return StageResult(output=context.output_dir, metrics=metrics)

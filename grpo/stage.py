@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import GRPOConfig
 
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.generation import SamplingParams
-from qwen_align.model import load_model, save_checkpoint
-from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype, trainer_arguments
+from qwen_align.model import load_model
+from qwen_align.stage import (
+    StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
+)
 
 from .config import Config
 from .ordering import OrderingSchedule
@@ -122,16 +123,11 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if schedule is not None and context.resume_checkpoint is None:
         schedule.initial_round()
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.accelerator.is_main_process:
-        save_checkpoint(model, tokenizer, context.output_dir)
-    trainer.accelerator.wait_for_everyone()
+    model = save_trained_model(trainer, tokenizer, context)
 
     runtime = train_output.metrics.get("train_runtime", 0.0)
     metrics.update({
-        "train_loss": train_output.training_loss,
-        "train_steps": train_output.global_step,
-        "train_runtime_s": round(runtime, 2),
+        **train_metrics(train_output),
         "samples_consumed": train_output.global_step * trainer.args.per_device_train_batch_size
         * trainer.args.gradient_accumulation_steps * trainer.accelerator.num_processes,
     })
@@ -151,8 +147,6 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if trainer.accelerator.is_main_process and stage.task_eval is not None:
         print(f"[{stage.name}] after GRPO:")
         metrics.update(context.evaluate_task(stage, model, tokenizer))
-    if torch.cuda.is_available():
-        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return StageResult(output=context.output_dir, metrics=metrics)
 
 

@@ -155,3 +155,30 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         fp16=dtype == "float16",
         report_to="none",
     )
+
+
+def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: StageContext) -> PreTrainedModel:
+    """The trained model (unwrapped, LoRA merged) written as the stage's output checkpoint by the main process."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if trainer.accelerator.is_main_process:
+        from .model import save_checkpoint
+
+        save_checkpoint(model, tokenizer, context.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return model
+
+
+def train_metrics(train_output) -> dict[str, Any]:
+    """What every training stage records of `trainer.train()`, plus peak GPU memory when there is a GPU."""
+    import torch
+
+    metrics = {
+        "train_loss": train_output.training_loss,
+        "train_steps": train_output.global_step,
+        "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
+    }
+    if torch.cuda.is_available():
+        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return metrics

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 from statistics import mean
 
-import torch
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
-from qwen_align.model import load_model, save_checkpoint
+from qwen_align.model import load_model
 from qwen_align.rm_eval.scorer import score_items
-from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype, trainer_arguments
+from qwen_align.stage import (
+    StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
+)
 
 from .config import Config
 from .dataset import as_items, split_heldout, tokenize_pairs
@@ -73,21 +74,9 @@ def run(stage: Config, context: StageContext) -> StageResult:
         peft_config=peft_config, callbacks=[MetricsLogger(context, stage.name)],
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if trainer.accelerator.is_main_process:
-        save_checkpoint(model, tokenizer, context.output_dir)
-    trainer.accelerator.wait_for_everyone()
-
-    metrics = {
-        "train_loss": train_output.training_loss,
-        "train_steps": train_output.global_step,
-        "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
-        "data": data_report,
-        "lengths": lengths.as_dict(),
-    }
+    trainer.model.config.pad_token_id = tokenizer.pad_token_id
+    model = save_trained_model(trainer, tokenizer, context)
+    metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
     if heldout and trainer.accelerator.is_main_process:
         held = heldout_metrics(model, tokenizer, heldout, stage)
         metrics.update(held)
@@ -95,6 +84,4 @@ def run(stage: Config, context: StageContext) -> StageResult:
         print(f"[{stage.name}] held-out pair accuracy: {held['heldout_pair_accuracy']:.1%} on {len(heldout)} pairs "
               f"(mean margin {held['heldout_mean_margin']:+.3f})")
         context.log_metrics({"stage": stage.name, **{k: v for k, v in held.items()}})
-    if torch.cuda.is_available():
-        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return StageResult(output=context.output_dir, metrics=metrics)

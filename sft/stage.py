@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from qwen_align.data import load_training_rows
-from qwen_align.model import save_checkpoint
 from qwen_align.callbacks import MetricsLogger
-from qwen_align.stage import StageContext, StageResult, trainer_arguments
+from qwen_align.stage import StageContext, StageResult, save_trained_model, train_metrics, trainer_arguments
 
 from .config import Config
 from .dataset import tokenize_conversations
@@ -69,22 +67,8 @@ def run(stage: Config, context: StageContext) -> StageResult:
         **extra,
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if trainer.accelerator.is_main_process:
-        save_checkpoint(model, tokenizer, context.output_dir)
-    trainer.accelerator.wait_for_everyone()
-
-    metrics = {
-        "train_loss": train_output.training_loss,
-        "train_steps": train_output.global_step,
-        "train_runtime_s": round(train_output.metrics.get("train_runtime", 0.0), 2),
-        "data": data_report,
-        "lengths": lengths.as_dict(),
-    }
+    model = save_trained_model(trainer, tokenizer, context)
+    metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
     if trainer.accelerator.is_main_process:
         metrics.update(context.evaluate_task(stage, model, tokenizer))
-    if torch.cuda.is_available():
-        metrics["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return StageResult(output=context.output_dir, metrics=metrics)
