@@ -3,7 +3,7 @@
 Reward side: held-out pair accuracy (implicit reward β·log π/π_ref ranks chosen first). Tax side: held-out
 task accuracy (greedy, verified, recipes/demo_data/heldout.jsonl) and the NLL of the held-out true answers.
 
-    python benchmarks/dpo_ablation.py --sft /tmp/shared_demo/run/sft/final --seeds 0 1 2
+    python benchmarks/dpo_ablation.py --sft runs/demo/sft/final --pairs runs/demo/rejection_sampling/final/pairs
 
 Pairs come from --pairs (a rejection_sampling output: JSONL or a folder), else they are built here the same
 way: the SFT model samples 8 answers per prompt of recipes/demo_data/prompts.jsonl at temperature 1, the
@@ -136,7 +136,7 @@ def sft_baseline(sft_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sft", default="/tmp/shared_demo/run/sft/final")
+    parser.add_argument("--sft", default=str(REPO / "runs" / "demo" / "sft" / "final"), help="SFT checkpoint (the demo's)")
     parser.add_argument("--pairs", default=None, help="rejection-sampled pairs (JSONL or folder); default: build")
     parser.add_argument("--work", default="/tmp/dpo_ablation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -146,6 +146,8 @@ def main() -> None:
     parser.add_argument("--nll-weight", type=float, default=0.0)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="names from CONFIGS")
     args = parser.parse_args()
+    args.sft = str(Path(args.sft).resolve())  # the runs' recipes live in --work, elsewhere
+    args.pairs = str(Path(args.pairs).resolve()) if args.pairs else None
     torch.set_num_threads(2)
     work = Path(args.work)
     tokenizer = load_tokenizer(args.sft)
