@@ -113,6 +113,12 @@ class Config(StageConfig):
             text += f" = {total // self.num_generations} queries x {self.num_generations}"
         return text
 
+    def earlier_reward_models(self, recipe) -> list[StageConfig]:
+        """The recipe's reward_model stages before this one, in order (the last is the default RM)."""
+        names = [s.name for s in recipe.stages]
+        earlier = recipe.stages[: names.index(self.name)] if self.name in names else recipe.stages
+        return [s for s in earlier if s.kind == "reward_model"]
+
     def check_recipe(self, recipe) -> tuple[str, str] | None:
         n = recipe.num_processes
         total = self.global_batch(n)
@@ -125,8 +131,7 @@ class Config(StageConfig):
         if self.generation_batch(n) % self.num_generations:
             return ("steps_per_generation", f"generation batch {self.generation_batch(n)} (per device x processes "
                     f"x steps_per_generation) is not a multiple of num_generations {self.num_generations}")
-        earlier = recipe.stages[: [s.name for s in recipe.stages].index(self.name)]
-        rm_stages = [s.name for s in earlier if s.kind == "reward_model"]
+        rm_stages = [s.name for s in self.earlier_reward_models(recipe)]
         for i, spec in enumerate(self.rewards):
             if spec.kind != "reward_model":
                 continue
@@ -143,7 +148,7 @@ class Config(StageConfig):
     def referenced_stages(self, recipe) -> list[str]:
         """Earlier stages this stage reads beyond init_from and data: reward models, the default query set."""
         earlier = recipe.stages[: [s.name for s in recipe.stages].index(self.name)]
-        rm_stages = [s.name for s in earlier if s.kind == "reward_model"]
+        rm_stages = [s.name for s in self.earlier_reward_models(recipe)]
         names = [spec.source or (rm_stages[-1] if rm_stages else None) for spec in self.rewards
                  if spec.kind == "reward_model"]
         if self.data is None and rm_stages:

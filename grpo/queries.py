@@ -19,9 +19,7 @@ PAIR_KEYS = {"prompt", "chosen", "rejected", "messages"}
 
 def reward_model_stage(stage, recipe):
     """The recipe's last reward_model stage before `stage`, or None."""
-    names = [s.name for s in recipe.stages]
-    earlier = recipe.stages[: names.index(stage.name)] if stage.name in names else recipe.stages
-    found = [s for s in earlier if s.kind == "reward_model"]
+    found = stage.earlier_reward_models(recipe)
     return found[-1] if found else None
 
 
