@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import registry
+from . import distributed, registry
 from .errors import RecipeError, UserError
 from .fsutil import atomic_write_json
 from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
@@ -39,10 +39,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 class Manifest:
@@ -64,7 +60,7 @@ class Manifest:
     def update(self, name: str, **fields: Any) -> None:
         self.data["stages"].setdefault(name, {}).update(fields)
         self.data["updated_at"] = _now()
-        if is_main_process():
+        if distributed.is_main():
             atomic_write_json(self.path, self.data)
 
 
@@ -159,7 +155,7 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
         init_source=init_source,
         resume_checkpoint=resume,
         metrics_path=run_dir / "metrics.jsonl",
-        is_main_process=is_main_process(),
+        is_main_process=distributed.is_main(),
         manifest=manifest.data,
         stage_hashes=dict(hashes),
     )
