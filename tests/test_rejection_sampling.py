@@ -11,8 +11,8 @@ import pytest
 import yaml
 from helpers import write_jsonl
 
-import dpo.rejection_sampling as rs
-from dpo.pairs import Candidate, RuleReview, build_pairs, round_robin
+import dpo.rejection_sampling.stage as rs
+from dpo.rejection_sampling.pairs import Candidate, RuleReview, build_pairs, round_robin
 from qwen_align.data import load_training_rows
 from qwen_align.errors import DataError
 from qwen_align.recipe import DataConfig, load_recipe
@@ -170,7 +170,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(rs_recipe, monkeypatch
 
 
 def test_query_id_uses_id_field_or_a_stable_hash(rs_recipe, monkeypatch):
-    from dpo.rejection_queries import query_id
+    from dpo.rejection_sampling.queries import query_id
 
     rows = _rows(3)
     assert query_id(rows[0]) == "first"

@@ -1,9 +1,9 @@
 """Rejection-sampling stage: the policy answers verifiable queries N times; verified answers become pairs.
 
 Flow per chunk of `chunk_size` queries: sample `samples_per_prompt` responses each (seeded by the chunk),
-verify them, build pairs (see `dpo.pairs` for the selection rule and review), write one shard of pairs and
+verify them, build pairs (see `pairs.py` for the selection rule and review), write one shard of pairs and
 one of SFT rows, mark the chunk finished. A restart resumes after the last finished chunk
-(`dpo.rejection_work`). At the end `final/` holds `pairs/` (TRL conversational preference rows), `sft/`
+(`work.py`). At the end `final/` holds `pairs/` (TRL conversational preference rows), `sft/`
 (conversations of passing responses) and `stats.json`. See docs/rejection_sampling.md.
 """
 
@@ -23,10 +23,10 @@ from qwen_align.errors import DataError
 from qwen_align.generation import SamplingParams, make_sampler
 from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
 
+from .config import RejectionSamplingConfig as Config
 from .pairs import Candidate, RuleReview, build_pairs
-from .rejection_config import RejectionSamplingConfig as Config
-from .rejection_queries import load_queries, provenance, query_id
-from .rejection_work import Work
+from .queries import load_queries, provenance, query_id
+from .work import Work
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ChunkRunner:
     @property
     def reward_model(self):
         if self._rm is None and self.stage.review.reward_model:
-            from .rejection_review import RewardScorer
+            from .review import RewardScorer
 
             path = self.stage.review.reward_model
             if hasattr(self.context, "stage_output"):
