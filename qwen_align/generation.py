@@ -7,10 +7,12 @@ One interface for every stage that generates (evaluation, rejection sampling, GR
 
 - `transformers`: batched `model.generate` (left padding, prompts sorted by length), CPU or GPU.
 - `vllm`: vLLM's offline `LLM.generate` on a GPU, imported only when chosen. Untested in this repository's
-  CI (no GPU there); written against vLLM's documented `LLM` / `SamplingParams` API.
+  CI (no GPU there); written against vLLM's documented `LLM` / `SamplingParams` API. Under several
+  processes each runs its own engine (`external_launcher`, one GPU per process).
 
 `backend: auto` picks vLLM when it is installed, a GPU is present and the policy is a checkpoint folder;
-transformers otherwise. Sampling is seeded (`SamplingParams.seed`): the same seed, prompts and batch
+transformers otherwise. A transformers sampler runs on this process's own device
+(`qwen_align.distributed.device()`: `cuda:LOCAL_RANK`, or the CPU). Sampling is seeded (`SamplingParams.seed`): the same seed, prompts and batch
 size give the same samples. `generate(...)` (texts only) is the older, simpler face of the same path.
 """
 
@@ -25,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import distributed
 from .data import iter_rows
 from .errors import DataError, UserError
 from .verifiers import verify
@@ -174,7 +177,7 @@ class VLLMSampler(Sampler):
         self.llm = LLM(
             model=str(path), tokenizer=str(path), dtype=dtype, seed=seed,
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len, **_vllm_launch_options(tensor_parallel_size),
         )
 
     def sample(self, conversations, params):
@@ -213,17 +216,31 @@ def resolve_backend(backend: Backend, source: str) -> str:
     return backend
 
 
+def _vllm_launch_options(tensor_parallel_size: int) -> dict[str, Any]:
+    """Under several processes: one engine per process on its own GPU (vLLM's torchrun-style data parallel)."""
+    if not distributed.is_distributed():
+        return {}
+    if tensor_parallel_size != 1:
+        raise UserError(f"backend: vllm with tensor_parallel_size {tensor_parallel_size} under "
+                        f"{distributed.world_size()} processes is not supported; launch one process (vLLM splits the "
+                        "model itself) or set tensor_parallel_size: 1 (one engine per process)")
+    return {"distributed_executor_backend": "external_launcher", "data_parallel_size": distributed.world_size()}
+
+
 def make_sampler(
     backend: Backend, source: str, tokenizer: PreTrainedTokenizerBase, load_model, *, batch_size: int = 32,
-    seed: int = 0, dtype: str = "auto", **vllm_options: Any,
+    seed: int = 0, dtype: str = "auto", device: torch.device | str | None = None, **vllm_options: Any,
 ) -> Sampler:
-    """A sampler for the policy at `source`; `load_model()` builds the transformers model when that path is taken."""
+    """A sampler for the policy at `source`; `load_model()` builds the transformers model when that path is taken.
+
+    Each process samples on its own device: `device`, by default `qwen_align.distributed.device()`.
+    """
     chosen = resolve_backend(backend, source)
     if chosen == "vllm":
         if not (Path(source) / "config.json").is_file():
             raise UserError(f"backend: vllm needs a checkpoint folder, not {source!r}")
         return VLLMSampler(source, tokenizer, dtype=dtype, seed=seed, **vllm_options)
-    return TransformersSampler(load_model(), tokenizer, batch_size)
+    return TransformersSampler(load_model().to(device or distributed.device()), tokenizer, batch_size)
 
 
 def load_eval_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:

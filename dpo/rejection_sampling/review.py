@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from qwen_align import distributed
 from qwen_align.model import load_model
 
 
@@ -18,8 +19,7 @@ class RewardScorer:
         self.max_length = max_length
         self.model = load_model(path, "reward", tokenizer=tokenizer, dtype=dtype)
         self.model.eval()
-        if torch.cuda.is_available():
-            self.model.to("cuda")
+        self.model.to(distributed.device())  # this rank's own GPU, or the CPU
 
     @torch.no_grad()
     def score(self, items: list[tuple[list[dict[str, Any]], str]]) -> list[float]:

@@ -2,8 +2,9 @@
 
 Flow per chunk of `chunk_size` queries: sample `samples_per_prompt` responses each (seeded by the chunk),
 verify them, build pairs (see `pairs.py` for the selection rule and review), write one shard of pairs and
-one of SFT rows, mark the chunk finished. A restart resumes after the last finished chunk
-(`work.py`). At the end `final/` holds `pairs/` (TRL conversational preference rows), `sft/`
+one of SFT rows, mark the chunk finished (`work.py`). A rerun samples only the chunks without a marker.
+Under several processes the unfinished chunks are split round-robin across ranks, each rank on its own
+device; the main rank alone prepares the work folder and publishes. At the end `final/` holds `pairs/` (TRL conversational preference rows), `sft/`
 (conversations of passing responses) and `stats.json`. See docs/rejection_sampling.md.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from qwen_align import verifiers
+from qwen_align import distributed, verifiers
 from qwen_align.errors import DataError
 from qwen_align.generation import SamplingParams, make_sampler
 from qwen_align.stage import StageContext, StageResult, resolve_stage_dtype
@@ -74,10 +75,7 @@ class ChunkRunner:
         return self._sampler
 
     def _policy(self):
-        import torch
-
-        model = self.context.load_policy(self.stage, self.tokenizer)
-        return model.to("cuda") if torch.cuda.is_available() else model
+        return self.context.load_policy(self.stage, self.tokenizer)  # make_sampler puts it on this rank's device
 
     @property
     def reward_model(self):
@@ -228,30 +226,71 @@ def _jsonable(stats: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(stats, default=dict))
 
 
+def _published_stats(final, fp: str) -> dict[str, Any] | None:
+    """stats.json of an earlier run of this very work that published `final/` (only the manifest missed it)."""
+    path = final / "stats.json"
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text(encoding="utf-8"))
+    return stats if stats.get("fingerprint") == fp else None
+
+
 def run(stage: Config, context: StageContext) -> StageResult:
+    """Sample every unfinished chunk (this rank's share of them), then publish `final/` from the main rank."""
     start = time.time()
+    distributed.init()
     rows, data_report = load_queries(stage.data, context.seed)  # stops on bad rows before any sampling
     ids = [query_id(r) for r in rows]
     fp = fingerprint(stage, context, ids)
     final = context.output_dir
     outputs = {"pairs": final / "pairs", "sft": final / "sft"}
-    done_before = final / "stats.json"
-    if done_before.is_file() and json.loads(done_before.read_text(encoding="utf-8")).get("fingerprint") == fp:
-        stats = json.loads(done_before.read_text(encoding="utf-8"))  # finished, only the manifest missed it
-        return StageResult(output=outputs["pairs"], metrics=stats, outputs=outputs)
+    work = Work(context.checkpoints_dir / "rejection_sampling")
+
+    published = distributed.broadcast_object(_published_stats(final, fp) if distributed.is_main() else None)
+    if published is not None:
+        if distributed.is_main():
+            work.remove()  # killed between publishing and cleaning up
+        distributed.barrier()
+        return StageResult(output=outputs["pairs"], metrics=published, outputs=outputs)
 
     size = stage.chunk_size
     chunks = (len(rows) + size - 1) // size
-    work = Work(context.checkpoints_dir / "rejection_sampling", fp)
-    finished = [c for c in range(chunks) if work.is_done(c)]
-    if finished:
-        print(f"[{stage.name}] resuming: {len(finished)} of {chunks} chunks already done")
+    with distributed.main_writes() as writer:
+        if writer:
+            work.prepare(fp)
+    # The main rank's view, taken before any rank commits, so that every rank splits the same list.
+    finished = distributed.broadcast_object([c for c in range(chunks) if work.is_done(c)])
+    if finished and distributed.is_main():
+        print(f"[{stage.name}] resuming: {len(finished)} of {chunks} chunks already done, "
+              f"{chunks - len(finished)} to sample")
+    mine = distributed.shard([c for c in range(chunks) if c not in set(finished)])
+    _sample_chunks(stage, context, rows, mine, work)
+    distributed.barrier()  # every chunk is committed
+
+    stats = None
+    if distributed.is_main():
+        total = merge_stats([work.chunk_stats(c) for c in range(chunks)])
+        stats = summarise(total, chunks, len(finished), time.time() - start, data_report)
+        stats["fingerprint"] = fp
+        stats["sampling"] = sampling_info(stage, context.seed)
+        stats["processes"] = distributed.world_size()
+        work.publish(final, chunks, stats)
+        work.remove()
+        _print_summary(stage.name, stats)
+    stats = distributed.broadcast_object(stats)  # also the point where every rank sees final/
+    return StageResult(output=outputs["pairs"], metrics=stats, outputs=outputs)
+
+
+def _sample_chunks(stage: Config, context: StageContext, rows: list[dict], chunks: list[int], work: Work) -> None:
+    """Sample, pair and commit `chunks` (this rank's share); the progress bar is the main rank's own share."""
+    if not chunks:
+        return
+    size = stage.chunk_size
     runner = ChunkRunner(stage, context, context.tokenizer())
-    queries_done = sum(len(rows[c * size : (c + 1) * size]) for c in finished)
-    with tqdm(total=len(rows), initial=queries_done, desc=f"[{stage.name}] queries", unit="query") as bar:
-        for c in range(chunks):
-            if work.is_done(c):
-                continue
+    share = sum(len(rows[c * size : (c + 1) * size]) for c in chunks)
+    desc = f"[{stage.name}] queries" + (f" ({distributed.rank_label()}share)" if distributed.is_distributed() else "")
+    with tqdm(total=share, desc=desc, unit="query", disable=not distributed.is_main()) as bar:
+        for c in chunks:
             chunk_rows = rows[c * size : (c + 1) * size]
             pairs, sft, stats = runner.run(chunk_rows, c)
             work.commit(c, pairs, sft if stage.write_sft_data else [], _jsonable(stats))
@@ -259,15 +298,6 @@ def run(stage: Config, context: StageContext) -> StageResult:
             bar.set_postfix(pairs=stats["pairs"], pass_rate=f"{stats['passed'] / max(stats['samples'], 1):.2f}")
             context.log_metrics({"stage": stage.name, "chunk": c, "pairs": stats["pairs"],
                                  "pass_rate": stats["passed"] / max(stats["samples"], 1)})
-
-    total = merge_stats([work.chunk_stats(c) for c in range(chunks)])
-    stats = summarise(total, chunks, len(finished), time.time() - start, data_report)
-    stats["fingerprint"] = fp
-    stats["sampling"] = sampling_info(stage, context.seed)
-    work.publish(final, chunks, stats)
-    work.remove()
-    _print_summary(stage.name, stats)
-    return StageResult(output=outputs["pairs"], metrics=stats, outputs=outputs)
 
 
 def _print_summary(name: str, s: dict[str, Any]) -> None:
