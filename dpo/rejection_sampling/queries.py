@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 from typing import Any
 
 from qwen_align.data import iter_rows, load_training_rows, prompt_problem
@@ -29,9 +30,14 @@ def verifier_problem(row: dict[str, Any]) -> str | None:
         return f"missing 'verifier' (one of: {', '.join(CHECKS)})"
     if name not in CHECKS:
         return f"unknown verifier {name!r} (available: {', '.join(CHECKS)})"
-    missing = [f for f in REQUIRED.get(name, ()) if row.get(f) is None]
+    missing = [f for f in REQUIRED.get(name, ()) if row.get(f) is None or str(row[f]).strip() == ""]
     if missing:
         return f"verifier {name!r} needs the field(s) {', '.join(repr(m) for m in missing)}"
+    if name == "regex":
+        try:
+            re.compile(str(row["pattern"]))
+        except re.error as e:
+            return f"verifier 'regex': pattern {row['pattern']!r} is not a valid regex ({e})"
     check = CHECKS[name]
     module = check.split(":")[0] if isinstance(check, str) else check.__module__
     try:
