@@ -12,8 +12,9 @@ One interface for every stage that generates (evaluation, rejection sampling, GR
 
 `backend: auto` picks vLLM when it is installed, a GPU is present and the policy is a checkpoint folder;
 transformers otherwise. A transformers sampler runs on this process's own device
-(`qwen_align.distributed.device()`: `cuda:LOCAL_RANK`, or the CPU). Sampling is seeded (`SamplingParams.seed`): the same seed, prompts and batch
-size give the same samples. `generate(...)` (texts only) is the older, simpler face of the same path.
+(`qwen_align.distributed.device()`: `cuda:LOCAL_RANK`, or the CPU). Sampling is seeded
+(`SamplingParams.seed`): the same seed, prompts and batch size give the same samples. `generate(...)`
+(texts only) is the older, simpler face of the same path.
 """
 
 from __future__ import annotations
@@ -224,7 +225,8 @@ def _vllm_launch_options(tensor_parallel_size: int) -> dict[str, Any]:
         raise UserError(f"backend: vllm with tensor_parallel_size {tensor_parallel_size} under "
                         f"{distributed.world_size()} processes is not supported; launch one process (vLLM splits the "
                         "model itself) or set tensor_parallel_size: 1 (one engine per process)")
-    return {"distributed_executor_backend": "external_launcher", "data_parallel_size": distributed.world_size()}
+    # As TRL's colocated vLLM does: each torchrun process builds a 1-GPU engine on cuda:LOCAL_RANK.
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 def make_sampler(

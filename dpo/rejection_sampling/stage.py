@@ -4,8 +4,9 @@ Flow per chunk of `chunk_size` queries: sample `samples_per_prompt` responses ea
 verify them, build pairs (see `pairs.py` for the selection rule and review), write one shard of pairs and
 one of SFT rows, mark the chunk finished (`work.py`). A rerun samples only the chunks without a marker.
 Under several processes the unfinished chunks are split round-robin across ranks, each rank on its own
-device; the main rank alone prepares the work folder and publishes. At the end `final/` holds `pairs/` (TRL conversational preference rows), `sft/`
-(conversations of passing responses) and `stats.json`. See docs/rejection_sampling.md.
+device; the main rank alone prepares the work folder and publishes. At the end `final/` holds `pairs/`
+(TRL conversational preference rows), `sft/` (conversations of passing responses) and `stats.json`.
+See docs/rejection_sampling.md.
 """
 
 from __future__ import annotations
@@ -259,11 +260,13 @@ def run(stage: Config, context: StageContext) -> StageResult:
         if writer:
             work.prepare(fp)
     # The main rank's view, taken before any rank commits, so that every rank splits the same list.
-    finished = distributed.broadcast_object([c for c in range(chunks) if work.is_done(c)])
+    finished = [c for c in range(chunks) if work.is_done(c)] if distributed.is_main() else None
+    finished = distributed.broadcast_object(finished)
     if finished and distributed.is_main():
         print(f"[{stage.name}] resuming: {len(finished)} of {chunks} chunks already done, "
               f"{chunks - len(finished)} to sample")
-    mine = distributed.shard([c for c in range(chunks) if c not in set(finished)])
+    done = set(finished)
+    mine = distributed.shard([c for c in range(chunks) if c not in done])
     _sample_chunks(stage, context, rows, mine, work)
     distributed.barrier()  # every chunk is committed
 
@@ -288,7 +291,7 @@ def _sample_chunks(stage: Config, context: StageContext, rows: list[dict], chunk
     size = stage.chunk_size
     runner = ChunkRunner(stage, context, context.tokenizer())
     share = sum(len(rows[c * size : (c + 1) * size]) for c in chunks)
-    desc = f"[{stage.name}] queries" + (f" ({distributed.rank_label()}share)" if distributed.is_distributed() else "")
+    desc = f"[{stage.name}] queries" + (", rank 0's share" if distributed.is_distributed() else "")
     with tqdm(total=share, desc=desc, unit="query", disable=not distributed.is_main()) as bar:
         for c in chunks:
             chunk_rows = rows[c * size : (c + 1) * size]
