@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import write_jsonl
 from test_rejection_sampling import digit_queries, rs_stage, save_digit_policy
@@ -151,3 +152,27 @@ def test_kill_9_while_a_shard_is_written_then_the_rerun_resumes(setup):
     assert len(torn) == 1 and not (pairs / "part-00003.jsonl").exists()  # killed inside the write
     assert _markers(path) == 3
     _rerun_resumes(path, reference, 3)
+
+
+# ---------------------------------------------------------------- placement, without launching
+
+
+def test_the_sampler_goes_to_this_ranks_device(monkeypatch, demo_tokenizer):
+    from qwen_align import distributed, generation
+    from qwen_align.model import load_model
+
+    monkeypatch.setattr(distributed, "device", lambda: torch.device("meta"))  # stands in for cuda:LOCAL_RANK
+    sampler = generation.make_sampler("transformers", "tiny", demo_tokenizer,
+                                      lambda: load_model("tiny", tokenizer=demo_tokenizer))
+    assert sampler.model.device.type == "meta"
+
+
+def test_vllm_under_several_processes_runs_one_engine_per_process(monkeypatch):
+    from qwen_align.errors import UserError
+    from qwen_align.generation import _vllm_launch_options
+
+    assert _vllm_launch_options(2) == {}  # one process: vLLM may split the model itself
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _vllm_launch_options(1) == {"distributed_executor_backend": "external_launcher"}
+    with pytest.raises(UserError, match="tensor_parallel_size 2 under 2 processes"):
+        _vllm_launch_options(2)
