@@ -24,6 +24,7 @@ from test_rejection_sampling import digit_queries, rs_stage, save_digit_policy
 REPO = Path(__file__).resolve().parents[1]
 CHUNKS = 12  # one query per chunk: many commits, so a kill lands between two of them
 CLI = ["-m", "qwen_align.cli", "run"]
+TWO_PROCESSES = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _env() -> dict[str, str]:
@@ -74,7 +75,7 @@ def work_folder(recipe: Path) -> Path:
 def test_two_processes_give_the_same_pairs_as_one(setup):
     recipe, reference = setup
     path = recipe("two")
-    done = run(path, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    done = run(path, *TWO_PROCESSES)
     assert done.returncode == 0, done.stderr[-3000:]
     final = path.parent / "two" / "rs" / "final"
     assert_same_output(final, reference)
@@ -97,8 +98,8 @@ def _markers(recipe: Path) -> int:
     return len(list(done.glob("*.json"))) if done.is_dir() else 0
 
 
-def _rerun_resumes(path: Path, reference: Path, finished: int) -> None:
-    again = run(path)
+def _rerun_resumes(path: Path, reference: Path, finished: int, *launcher: str) -> None:
+    again = run(path, *launcher)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming: {finished} of {CHUNKS} chunks already done" in again.stdout
     stats = json.loads((path.parent / path.stem / "rs" / "final" / "stats.json").read_text())
@@ -141,7 +142,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_9_while_a_shard_is_written_then_the_rerun_resumes(setup):
+def test_kill_9_while_a_shard_is_written_then_two_processes_resume(setup):
     recipe, reference = setup
     path = recipe("torn")
     proc = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, "run", str(path)], env=_env(), cwd=path.parent,
@@ -151,7 +152,7 @@ def test_kill_9_while_a_shard_is_written_then_the_rerun_resumes(setup):
     torn = list(pairs.glob(".part-00003.jsonl.*.tmp"))
     assert len(torn) == 1 and not (pairs / "part-00003.jsonl").exists()  # killed inside the write
     assert _markers(path) == 3
-    _rerun_resumes(path, reference, 3)
+    _rerun_resumes(path, reference, 3, *TWO_PROCESSES)  # the work of one process, finished by two
 
 
 # ---------------------------------------------------------------- placement, without launching
