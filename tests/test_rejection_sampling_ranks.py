@@ -88,9 +88,10 @@ def test_two_processes_give_the_same_pairs_as_one(setup):
     assert not work_folder(path).exists()
 
 
-def _start(recipe: Path, *python_args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *python_args, *CLI, str(recipe)], env=_env(), cwd=recipe.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def _start(recipe: Path) -> subprocess.Popen:
+    with open(recipe.with_suffix(".log"), "w") as log:  # a file, not a pipe: a full pipe would stall the child
+        return subprocess.Popen([sys.executable, *CLI, str(recipe)], env=_env(), cwd=recipe.parent, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _markers(recipe: Path) -> int:
@@ -118,7 +119,7 @@ def test_kill_9_at_a_random_moment_then_the_rerun_resumes(setup):
     while _markers(path) < after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     time.sleep(pause)
-    assert proc.poll() is None, f"the run ended before the kill (rc {proc.returncode}): {proc.stderr.read()[-2000:]}"
+    assert proc.poll() is None, f"the run ended before the kill (rc {proc.returncode}), see {path.with_suffix('.log')}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
