@@ -221,6 +221,27 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_run(rs_recipe, monke
     assert not (Path(resumed["output"]).parent.parent / "checkpoints" / "rejection_sampling").exists()
 
 
+def test_work_of_edited_queries_is_not_reused(rs_recipe, monkeypatch):
+    real_commit = rs.Work.commit
+
+    def interrupted_after_one(self, chunk, *args):
+        real_commit(self, chunk, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rs.Work, "commit", interrupted_after_one)
+    path = rs_recipe("edited")
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(path))
+    monkeypatch.setattr(rs.Work, "commit", real_commit)
+    rows = digit_queries(8)
+    rows[0]["answer"] = "8"  # same id ("first"), other answer: chunk 0's pairs would be wrong now
+    write_jsonl(path.parent / "edited-prompts.jsonl", rows)
+    entry = run_recipe(load_recipe(path))["stages"]["rs"]
+    assert entry["metrics"]["chunks_resumed"] == 0
+    pairs = [json.loads(line) for line in _lines(Path(entry["outputs"]["pairs"]))]
+    assert all(_is_right(p, p["chosen"][0]["content"]) for p in pairs if p["query_id"] == "first")
+
+
 def test_query_id_uses_id_field_or_a_stable_hash():
     from dpo.rejection_sampling.queries import query_id
 

@@ -42,8 +42,13 @@ def sampling_info(stage: Config, seed: int) -> dict[str, Any]:
             "max_new_tokens": stage.max_new_tokens, "seed": seed}
 
 
-def fingerprint(stage: Config, context: StageContext, ids: list[str]) -> str:
-    payload = {"ids": ids, "chunk_size": stage.chunk_size, "policy": context.init_source,
+def fingerprint(stage: Config, context: StageContext, rows: list[dict[str, Any]]) -> str:
+    """What the work folder belongs to: every query row in order (not only ids: an edited answer counts),
+    chunking, sampling options, policy and seed."""
+    queries = hashlib.sha256()
+    for row in rows:
+        queries.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
+    payload = {"queries": queries.hexdigest(), "chunk_size": stage.chunk_size, "policy": context.init_source,
                "stage": stage.model_dump(mode="json", exclude={"name"}), "seed": context.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -241,8 +246,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     start = time.time()
     distributed.init()
     rows, data_report = load_queries(stage.data, context.seed)  # stops on bad rows before any sampling
-    ids = [query_id(r) for r in rows]
-    fp = fingerprint(stage, context, ids)
+    fp = fingerprint(stage, context, rows)
     final = context.output_dir
     outputs = {"pairs": final / "pairs", "sft": final / "sft"}
     work = Work(context.checkpoints_dir / "rejection_sampling")
