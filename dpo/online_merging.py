@@ -95,7 +95,8 @@ def open_base(base: Mapping[str, torch.Tensor] | str | Path, **load_kwargs):
         return CheckpointTensors(base)
     from qwen_align.model import load_model
 
-    model = load_model(str(base), "policy", **load_kwargs)
+    with torch.random.fork_rng(devices=[]):  # building a preset reseeds torch; keep the trainer's RNG as it was
+        model = load_model(str(base), "policy", **load_kwargs)
     return _StateDictWeights({name: t.detach() for name, t in model.state_dict().items()})
 
 
@@ -189,7 +190,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
     lr, betas, eps, weight_decay, reserve_rate, merge_alpha). Give the base checkpoint as `base` (a state dict,
     a checkpoint folder, or a preset loaded with `load_model(base, "policy", **base_load_kwargs)`; τ_r = the
     params at the first step − base), or τ_r itself as `sft_delta` (name -> whole tensor). Names and shapes
-    are checked at once; τ_r is built at the first `step()` (or `state_dict()`), so the optimizer may be
+    are checked at once; τ_r is built by `initialize_state()` (at the first `step()`), so the optimizer may be
     created before the trainer shards the model (accelerate's FSDP2 swaps in the DTensor parameters later).
     """
 
@@ -230,7 +231,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         self.seed = seed
         named = list(self._named_params())
         if sft_delta is None:
-            self._base = open_base(base, **(base_load_kwargs or {}))
+            self._base, self._given_delta = open_base(base, **(base_load_kwargs or {})), None
             self._base_names = match_base(named, self._base)
         else:
             self._base, self._given_delta = None, {}
@@ -243,7 +244,6 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
                                     f"param {tuple(p.shape)}")
                 self._given_delta[name] = tau
         self._layouts: dict[torch.Tensor, ShardLayout] = {}
-        self._deltas_pending = True
 
     def _named_params(self) -> Iterable[tuple[str, torch.Tensor]]:
         for g in self.param_groups:
@@ -254,28 +254,35 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             self._layouts[p] = layout(name, p)
         return self._layouts[p]
 
-    def _build_sft_deltas(self) -> None:
-        """τ_r for every parameter that has none yet (none after a resume: the loaded state carries it), from the
-        parameters as they are now — the weights the stage starts from — and this rank's rows of the base."""
-        if not self._deltas_pending:
-            return
+    def initialize_state(self) -> None:
+        """Give every parameter its full state: τ_r (from the parameters as they are now — the weights the stage
+        starts from — minus this rank's rows of the base) and zero Adam moments. Runs at the first `step()` and
+        in `state_dict()`; call it before `torch.distributed.checkpoint`'s `set_optimizer_state_dict`, whose own
+        initialisation is a zero-gradient step at LR 0 — which here would still add α·F(τ_r) to the weights."""
+        if self._base is None and self._given_delta is None:
+            return  # done (or replaced by a loaded state, which carries τ_r)
         for name, p in self._named_params():
             state = self.state[p]
-            if "sft_delta" in state:
-                continue
-            rows = self._layout(name, p).rows
-            if self._base is not None:
-                tau = local_sft_delta(name, p, self._base.rows(self._base_names[name], *rows))
-            else:
-                given = self._given_delta[name]
-                tau = (given if given.dim() == 0 else given[rows[0]:rows[1]]).detach().to(p.device, p.dtype).clone()
-            state["sft_delta"] = like_param(tau, p)
+            if "sft_delta" not in state:
+                rows = self._layout(name, p).rows
+                if self._base is not None:
+                    tau = local_sft_delta(name, p, self._base.rows(self._base_names[name], *rows))
+                else:
+                    given = self._given_delta[name]
+                    tau = given if given.dim() == 0 else given[rows[0]:rows[1]]
+                    tau = tau.detach().to(p.device, p.dtype).clone()
+                state["sft_delta"] = like_param(tau, p)
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if self.merge_every > 1:
+                    state["merge_accum"] = torch.zeros_like(p, dtype=torch.float32)
         self._base = self._base_names = self._given_delta = None  # the base is read once
-        self._deltas_pending = False
 
     def sft_delta_norm(self) -> float:
         """‖τ_r‖ over all parameters (a collective per sharded parameter: call it on every rank)."""
-        self._build_sft_deltas()
+        self.initialize_state()
         total = 0.0
         for _, p in self._named_params():
             tau = self.state[p]["sft_delta"]
@@ -296,7 +303,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._build_sft_deltas()
+        self.initialize_state()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
@@ -306,12 +313,6 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("online merging optimizers do not support sparse gradients")
                 state = self.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if self.merge_every > 1:
-                        state["merge_accum"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
                 step = int(state["step"].item())
                 site = MergeSite(_clean_name(name), step, self._layout(name, p))
@@ -348,7 +349,7 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
     # -- state ---------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        self._build_sft_deltas()
+        self.initialize_state()
         out = super().state_dict()
         out["online_merging"] = {"variant": self.variant, "merge_every": self.merge_every,
                                  "rescale": self.rescale, "seed": self.seed}
@@ -383,6 +384,8 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
             for k, v in fp32.get(pid, {}).items():
                 self.state[p][k] = v.to(p.device, torch.float32).clone()
         self.rescale, self.seed = extra["rescale"], extra["seed"]
+        if all("sft_delta" in self.state[p] for _, p in self._named_params()):
+            self._base = self._base_names = self._given_delta = None  # the loaded τ_r wins; the base is not read
         for g in self.param_groups:
             g.update(merge_variant=self.variant, merge_every=self.merge_every, merge_rescale=self.rescale,
                      merge_seed=self.seed)
