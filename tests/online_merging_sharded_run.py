@@ -90,6 +90,21 @@ def optimizer_checks(findings: dict) -> None:
             moved = sum(int((want[n] != p.detach()).sum()) for n, p in template.named_parameters())
             findings[name] = {"differing": compare(gathered, want), "moved_entries": moved,
                               "rank0_rows": local_rows}
+            if name == "onties":
+                findings["_onties_want"] = want
+
+    # As under accelerate + the Trainer: the optimizer is created on the unsharded model, then the model is
+    # sharded and the optimizer's params are swapped for the DTensors by name (fsdp2_switch_optimizer_parameters).
+    late = copy.deepcopy(template)
+    opt = OnTIES(late.named_parameters(), base, **settings)
+    fully_shard(late)
+    sharded_by_name = dict(late.named_parameters())
+    for group in opt.param_groups:
+        group["params"] = [sharded_by_name[n] for n in group["param_names"]]
+    run_steps(late, opt, STEPS)
+    gathered = {n: full(p.detach()) for n, p in late.named_parameters()}
+    if rank == 0:
+        findings["created_before_sharding"] = {"differing": compare(gathered, findings.pop("_onties_want"))}
 
     # Resume under sharding through torch.distributed.checkpoint (the path accelerate's FSDP2 checkpoints take).
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict

@@ -51,6 +51,11 @@ def test_fsdp2_two_ranks_equal_one_process(findings, run):
     assert result["differing"] == dict.fromkeys(result["differing"], 0)
 
 
+def test_optimizer_created_before_sharding_as_the_trainer_does(findings):
+    differing = findings["created_before_sharding"]["differing"]
+    assert differing and differing == dict.fromkeys(differing, 0)
+
+
 def test_fsdp2_resume_through_distributed_checkpoint(findings):
     differing = findings["resume"]["differing"]
     assert differing and differing == dict.fromkeys(differing, 0)
