@@ -100,26 +100,50 @@ def _all_reduce(t: torch.Tensor, shard: ShardLayout) -> torch.Tensor:
 def top_fraction_mask(x: torch.Tensor, fraction: float, shard: ShardLayout | None = None) -> torch.Tensor:
     """Boolean mask keeping exactly ceil(fraction·n) entries of largest |x| (at least one) of the whole tensor
     (`x` is this rank's part when `shard` is sharded); ties at the threshold are broken by flattened position
-    (first ones kept). One process: `kthvalue`; sharded: `_sharded_top_fraction_mask`, the same entries."""
-    if shard is not None and shard.group is not None:
-        return _sharded_top_fraction_mask(x, fraction, shard)
-    flat = x.detach().abs().flatten()
-    n = flat.numel()
+    (first ones kept). One process: `kthvalue`; sharded: a bisection with all-reduced counts, the same entries."""
+    return mask_from_cut(x, top_fraction_cut(x, fraction, shard))
+
+
+def top_fraction_cut(x: torch.Tensor, fraction: float, shard: ShardLayout | None = None) -> tuple[int, int] | None:
+    """Where top_fraction_mask cuts: (bit pattern of the threshold magnitude, how many of this part's entries
+    tied at the threshold are kept), or None to keep everything. Collectives only when `shard` is sharded."""
+    sharded = shard is not None and shard.group is not None
+    n = shard.numel if sharded else x.numel()
     k = min(n, max(1, math.ceil(fraction * n)))
     if k == n:
+        return None
+    bits = _magnitude_bits(x)
+    if not sharded:
+        threshold = bits.kthvalue(n - k + 1).values  # the k-th largest magnitude (int order = float order)
+        return int(threshold), k - int((bits > threshold).sum())
+    threshold, above = kth_largest_bits(bits, k, lambda c: _all_reduce(c, shard))
+    # Ties: the first `k - above` in global order. Shards follow their coordinate, so this rank's share of the
+    # tie budget is what is left after the tied entries of the shards before it.
+    ties = torch.zeros(shard.size, dtype=torch.int64, device=x.device)
+    ties[shard.coordinate] = int((bits == threshold).sum())
+    ties_before = int(_all_reduce(ties, shard)[: shard.coordinate].sum())
+    return threshold, k - above - ties_before
+
+
+def mask_from_cut(x: torch.Tensor, cut: tuple[int, int] | None) -> torch.Tensor:
+    if cut is None:
         return torch.ones_like(x, dtype=torch.bool)
-    threshold = flat.kthvalue(n - k + 1).values  # the k-th largest magnitude
-    keep = flat > threshold
-    at_threshold = flat == threshold
-    need = k - int(keep.sum())
-    keep |= at_threshold & (at_threshold.cumsum(0) <= need)
+    threshold, budget = cut
+    bits = _magnitude_bits(x)
+    at_threshold = bits == threshold
+    keep = (bits > threshold) | (at_threshold & (at_threshold.cumsum(0) <= budget))
     return keep.view_as(x)
 
 
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """|x| flattened as float32 bit patterns: for non-negative floats their order is the values' order."""
+    return x.detach().float().abs().flatten().view(torch.int32)
+
+
 def kth_largest_bits(bits: torch.Tensor, k: int, count=lambda c: c) -> tuple[int, int]:
-    """Bisection for the bit pattern T of the k-th largest of non-negative float32s given as int32 `bits`
-    (their order is the floats' order): the largest T with #(bits >= T) >= k. `count` turns a local count
-    tensor into the global one (an all-reduce when sharded). Returns (T, #(bits > T))."""
+    """Bisection for the bit pattern T of the k-th largest of non-negative float32s given as int32 `bits`:
+    the largest T with #(bits >= T) >= k. `count` turns a local count tensor into the global one (an
+    all-reduce when sharded). Returns (T, #(bits > T))."""
     lo, hi, above_hi = 0, FLOAT32_BITS_END, 0  # #(bits >= lo) >= k > #(bits >= hi)
     counter = torch.zeros((), dtype=torch.int64, device=bits.device)
     while hi - lo > 1:
@@ -131,26 +155,6 @@ def kth_largest_bits(bits: torch.Tensor, k: int, count=lambda c: c) -> tuple[int
         else:
             hi, above_hi = mid, c
     return lo, above_hi
-
-
-def _sharded_top_fraction_mask(x: torch.Tensor, fraction: float, shard: ShardLayout) -> torch.Tensor:
-    n = shard.numel
-    k = min(n, max(1, math.ceil(fraction * n)))
-    if k == n:
-        return torch.ones_like(x, dtype=torch.bool)
-    flat = x.detach().abs().flatten().float()
-    bits = flat.view(torch.int32)
-    threshold, above = kth_largest_bits(bits, k, lambda c: _all_reduce(c, shard))
-    keep = bits > threshold
-    at_threshold = bits == threshold
-    # Ties: the first `k - above` in global order. Shards follow their coordinate, so this rank's share of the
-    # tie budget is what is left after the tied entries of the shards before it.
-    ties = torch.zeros(shard.size, dtype=torch.int64, device=x.device)
-    ties[shard.coordinate] = int(at_threshold.sum())
-    ties_before = int(_all_reduce(ties, shard)[: shard.coordinate].sum())
-    budget = k - above - ties_before
-    keep |= at_threshold & (at_threshold.cumsum(0) <= budget)
-    return keep.view_as(x)
 
 
 # ---------------------------------------------------------------- OnDARE: counter-seeded random masks

@@ -35,7 +35,7 @@ import torch
 from qwen_align.errors import UserError
 
 from .merge_shards import (
-    ShardLayout, block_random_mask, layout, like_param, local, top_fraction_mask,
+    ShardLayout, block_random_mask, layout, like_param, local, mask_from_cut, top_fraction_cut, top_fraction_mask,
 )
 
 # Defaults from the paper: best DPO runs used p ≈ 0.01 and α ≈ 1e-7; p stays robust down to 5e-4; α = 1e-4
@@ -422,13 +422,23 @@ class OnTIES(OnlineMergingOptimizer):
 
     variant = "onties"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tau_cuts: dict[str, tuple[int, int] | None] = {}  # τ_r is fixed, so is where F(τ_r) cuts
+
     def merge(self, update, tau, group, site):
         p, alpha = group["reserve_rate"], group["merge_alpha"]
         a = update.mul_(top_fraction_mask(update, p, site.shard)).mul_(1 - alpha)
         if not alpha:
             return a
-        b = tau.mul(top_fraction_mask(tau, p, site.shard)).mul_(alpha)
+        if site.name not in self._tau_cuts:
+            self._tau_cuts[site.name] = top_fraction_cut(tau, p, site.shard)
+        b = tau.mul(mask_from_cut(tau, self._tau_cuts[site.name])).mul_(alpha)
         return sign_consensus(a, b)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._tau_cuts = {}
 
 
 OPTIMIZERS = {"ondare": OnDARE, "onties": OnTIES}
