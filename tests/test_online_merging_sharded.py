@@ -70,7 +70,7 @@ def test_sft_delta_from_sharded_safetensors_shard_by_shard(findings):
     assert math.isclose(result["norm"], result["whole_norm"], rel_tol=1e-6)
 
 
-def test_bisection_finds_the_kthvalue_threshold():
+def test_radix_select_finds_the_kthvalue_threshold():
     """The sharded threshold search, run with one shard: the same k-th largest as kthvalue, ties included."""
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(1000, generator=g), torch.randint(-2, 3, (999,), generator=g).float(),
@@ -104,3 +104,22 @@ def test_unsharded_top_fraction_mask_unchanged():
     x = torch.tensor([3.0, 1.0, 2.0, 2.0, 2.0, -5.0])
     assert top_fraction_mask(x, 0.5, ShardLayout(numel=6, offset=0, rows=(0, 6))).tolist() == \
         [True, False, True, False, False, True]
+
+
+def test_deepspeed_and_fsdp1_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from dpo.trainer import refuse_unsupported_sharding
+    from qwen_align.errors import UserError
+
+    def trainer(deepspeed=False, fsdp_version=None):
+        plugin = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+        return SimpleNamespace(is_deepspeed_enabled=deepspeed, is_fsdp_enabled=plugin is not None,
+                               accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+
+    with pytest.raises(UserError, match=r"DeepSpeed \(ZeRO 1-3\) is not supported — .*flattened fp32 partition"):
+        refuse_unsupported_sharding(trainer(deepspeed=True))
+    with pytest.raises(UserError, match=r"FSDP1 is not supported — .*FlatParameter"):
+        refuse_unsupported_sharding(trainer(fsdp_version=1))
+    refuse_unsupported_sharding(trainer(fsdp_version=2))
+    refuse_unsupported_sharding(trainer())
