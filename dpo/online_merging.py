@@ -139,7 +139,7 @@ def match_base(named_params: Iterable[tuple[str, torch.Tensor]], source) -> dict
     return matched
 
 
-def local_sft_delta(name: str, p: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
+def local_sft_delta(p: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
     """τ_r of this rank's part of `p` (all of it when unsharded), given the base's same rows; in p's dtype."""
     mine = local(p).detach()
     return mine.float().sub(base_rows.to(mine.device, torch.float32).view_as(mine)).to(p.dtype)
@@ -154,10 +154,10 @@ def compute_sft_delta(
     named = list(named_params)
     source = open_base(base, **load_kwargs)
     matched = match_base(named, source)
-    return {raw: local_sft_delta(raw, p, source.rows(matched[raw], *layout(raw, p).rows)) for raw, p in named}
+    return {raw: local_sft_delta(p, source.rows(matched[raw], *layout(raw, p).rows)) for raw, p in named}
 
 
-# ---------------------------------------------------------------- the merges (float32 tensors; sparsifiers in merge_shards)
+# ---------------------------------------------------------------- the merges (float32; sparsifiers: merge_shards)
 
 
 def sign_consensus(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -259,14 +259,14 @@ class OnlineMergingOptimizer(torch.optim.Optimizer):
         starts from — minus this rank's rows of the base) and zero Adam moments. Runs at the first `step()` and
         in `state_dict()`; call it before `torch.distributed.checkpoint`'s `set_optimizer_state_dict`, whose own
         initialisation is a zero-gradient step at LR 0 — which here would still add α·F(τ_r) to the weights."""
-        if self._base is None and self._given_delta is None:
-            return  # done (or replaced by a loaded state, which carries τ_r)
         for name, p in self._named_params():
             state = self.state[p]
             if "sft_delta" not in state:
+                if self._base is None and self._given_delta is None:
+                    raise UserError(f"online merging: the loaded optimizer state has no SFT delta for '{name}'")
                 rows = self._layout(name, p).rows
                 if self._base is not None:
-                    tau = local_sft_delta(name, p, self._base.rows(self._base_names[name], *rows))
+                    tau = local_sft_delta(p, self._base.rows(self._base_names[name], *rows))
                 else:
                     given = self._given_delta[name]
                     tau = given if given.dim() == 0 else given[rows[0]:rows[1]]
