@@ -162,9 +162,28 @@ def sft_delta_checks(findings: dict, folder: str) -> None:
                                  "whole_norm": float(torch.sqrt(sum(t.pow(2).sum() for t in whole.values())))}
 
 
+def layout_refusal(findings: dict) -> None:
+    """A parameter sharded on dim 1 (as tensor parallelism would) stops with one line naming it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from qwen_align.errors import UserError
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    weight = torch.nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
+    weight.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    opt = OnTIES([("col_sharded.weight", weight)], sft_delta={"col_sharded.weight": torch.zeros(4, 6)})
+    try:
+        opt.step()
+        findings["refusal"] = None
+    except UserError as e:
+        findings["refusal"] = str(e)
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     findings: dict = {"world_size": dist.get_world_size()}
+    layout_refusal(findings)
     optimizer_checks(findings)
     sft_delta_checks(findings, sys.argv[2])
     if dist.get_rank() == 0:

@@ -70,6 +70,34 @@ def test_sft_delta_from_sharded_safetensors_shard_by_shard(findings):
     assert math.isclose(result["norm"], result["whole_norm"], rel_tol=1e-6)
 
 
+def test_other_layouts_refused_in_one_line(findings):
+    assert findings["refusal"] == (
+        "online merging: parameter 'col_sharded.weight' is laid out as (Shard(dim=1),); the exact merges need "
+        "parameters sharded on dim 0 over one mesh dimension (FSDP2's fully_shard, optionally replicated as HSDP)")
+
+
+def test_sft_delta_from_a_checkpoint_folder_equals_the_state_dicts(tmp_path):
+    """One `model.safetensors` read tensor by tensor; a tied base (no lm_head in the file) serves an untied policy."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dpo.online_merging import compute_sft_delta
+
+    def tiny(seed, tie):
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+
+    base, policy = tiny(0, tie=True), tiny(1, tie=False)
+    base.save_pretrained(tmp_path / "base")
+    from_folder = compute_sft_delta(policy.named_parameters(), str(tmp_path / "base"))
+    state = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}
+    from_state = compute_sft_delta(policy.named_parameters(), state)
+    assert from_folder.keys() == from_state.keys() and "lm_head.weight" in from_folder
+    for name, tau in from_state.items():
+        assert torch.equal(from_folder[name], tau), name
+    assert torch.equal(from_folder["lm_head.weight"], (policy.lm_head.weight - base.model.embed_tokens.weight).detach())
+
+
 def test_radix_select_finds_the_kthvalue_threshold():
     """The sharded threshold search, run with one shard: the same k-th largest as kthvalue, ties included."""
     g = torch.Generator().manual_seed(0)
