@@ -24,7 +24,6 @@ from qwen_align.stage import (
 )
 
 from .config import Config
-from .online_merging import compute_sft_delta
 from .trainer import OnlineMergingDPOTrainer, pair_metrics
 
 log = logging.getLogger(__name__)
@@ -80,16 +79,14 @@ def run(stage: Config, context: StageContext) -> StageResult:
     merging = None
     if stage.optimizer == "online_merging":
         base = stage.base_model or context.recipe.model
-        # τ_r from the weights the stage starts from (also on resume: the optimizer state then replaces it).
-        delta = compute_sft_delta(
-            [(n, p) for n, p in policy.named_parameters() if p.requires_grad], base,
-            tokenizer=tokenizer, dtype=dtype, seed=context.seed,
-        )
-        norm = math.sqrt(sum(float(t.float().pow(2).sum()) for t in delta.values()))
+        # τ_r = the weights the stage starts from − base, built by the optimizer at its first step: after FSDP2
+        # has sharded the policy, from this rank's rows of the base only (on resume the saved state carries it).
         print(f"[{stage.name}] online merging ({stage.variant}, p={stage.reserve_rate:g}, "
-              f"α={stage.merge_alpha:g}); SFT delta from base '{base}': norm {norm:.4g}")
-        merging = {"variant": stage.variant, "sft_delta": delta, "reserve_rate": stage.reserve_rate,
-                   "merge_alpha": stage.merge_alpha, "rescale": stage.merge_rescale, "merge_every": stage.merge_every}
+              f"α={stage.merge_alpha:g}); SFT delta against base '{base}'")
+        merging = {"variant": stage.variant, "base": base,
+                   "base_load_kwargs": {"tokenizer": tokenizer, "dtype": dtype, "seed": context.seed},
+                   "reserve_rate": stage.reserve_rate, "merge_alpha": stage.merge_alpha,
+                   "rescale": stage.merge_rescale, "merge_every": stage.merge_every}
 
     ref_model = None
     if not stage.precompute_ref_log_probs:
@@ -127,6 +124,8 @@ def run(stage: Config, context: StageContext) -> StageResult:
     }
     if trainer.merging_optimizer is not None:
         metrics["optimizer"] = {"optimizer": "online_merging", **trainer.merging_optimizer.settings()}
+        metrics["sft_delta_norm"] = trainer.merging_optimizer.sft_delta_norm()  # a collective: every rank
+        print(f"[{stage.name}] SFT delta τ_r: norm {metrics['sft_delta_norm']:.4g}")
     if reference_scores is not None:
         before = pair_metrics(reference_scores, reference_scores, stage.beta)
         after = pair_metrics(trainer.sequence_logps(model, trainer.eval_dataset), reference_scores, stage.beta)

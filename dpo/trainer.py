@@ -16,18 +16,18 @@ from .online_merging import OPTIMIZERS
 
 
 class OnlineMergingDPOTrainer(DPOTrainer):
-    """`merging`: None (plain AdamW from the Trainer) or {"variant", "sft_delta", "reserve_rate",
-    "merge_alpha", "rescale", "merge_every"}; `sft_delta` (name -> τ_r) is dropped once the optimizer holds it."""
+    """`merging`: None (plain AdamW from the Trainer) or {"variant", "base", "base_load_kwargs", "reserve_rate",
+    "merge_alpha", "rescale", "merge_every"}; `base` is the checkpoint τ_r = start − base is taken against.
+
+    FSDP2: the Trainer creates the optimizer on the unsharded model and accelerate then swaps in the DTensor
+    parameters (same names); the optimizer builds τ_r at its first step, so from this rank's shard only."""
 
     def __init__(self, *args, merging: dict[str, Any] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.merging = merging
         self.merging_optimizer = None
-        if merging is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise UserError(
-                "online merging: sharded training (DeepSpeed ZeRO / FSDP) is not supported — the optimizer needs "
-                "whole parameters to sparsify each update; use data parallelism (DDP), or `optimizer: adamw`"
-            )
+        if merging is not None:
+            refuse_unsupported_sharding(self)
 
     def create_optimizer(self, model=None):
         if self.merging is None or self.optimizer is not None:
@@ -43,7 +43,8 @@ class OnlineMergingDPOTrainer(DPOTrainer):
         cls = OPTIMIZERS[m["variant"]]
         self.optimizer = cls(
             [g for g in groups if g["params"]],
-            sft_delta=m.pop("sft_delta"),
+            m["base"],
+            base_load_kwargs=m.get("base_load_kwargs"),
             lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
@@ -55,6 +56,13 @@ class OnlineMergingDPOTrainer(DPOTrainer):
         )
         self.merging_optimizer = self.optimizer  # accelerate wraps self.optimizer later
         return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Full state first: under FSDP2 accelerate loads through torch.distributed.checkpoint, which would
+        # otherwise initialise the state with a zero-gradient step (moving the weights by α·F(τ_r)).
+        if checkpoint is not None and self.merging_optimizer is not None:
+            self.merging_optimizer.initialize_state()
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     @torch.no_grad()
     def sequence_logps(self, model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +81,22 @@ class OnlineMergingDPOTrainer(DPOTrainer):
         finally:
             model.train(was_training)
         return torch.cat(chosen), torch.cat(rejected)
+
+
+def refuse_unsupported_sharding(trainer) -> None:
+    """DDP and FSDP2 are exact; DeepSpeed and FSDP1 hand the optimizer flattened storage, refused in one line."""
+    if trainer.is_deepspeed_enabled:
+        raise UserError(
+            "online merging: DeepSpeed (ZeRO 1-3) is not supported — its optimizer wrapper steps one flattened fp32 "
+            "partition per param group, cut across tensor boundaries and without names, while OnTIES's top-p is per "
+            "whole tensor and τ_r and OnDARE's masks are per named tensor; use FSDP2 (fsdp_version: 2) or DDP"
+        )
+    if trainer.is_fsdp_enabled and getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise UserError(
+            "online merging: FSDP1 is not supported — it flattens each wrapped module's tensors into one "
+            "FlatParameter sharded across tensor boundaries, so per-tensor top-p and names are lost; use "
+            "FSDP2 (fsdp_version: 2) or DDP"
+        )
 
 
 def pair_metrics(

@@ -12,7 +12,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from dpo.config import TRL_LOSS_TYPES, Config
-from dpo.online_merging import OnDARE, OnTIES, compute_sft_delta, sign_consensus, top_fraction_mask
+from dpo.online_merging import OnDARE, OnTIES, compute_sft_delta, sign_consensus, top_fraction_mask, whole
 
 PAIRS = {"sources": [{"path": "pairs.jsonl"}]}  # options-only checks: the file is never read
 from qwen_align.errors import UserError
@@ -74,7 +74,7 @@ def test_onties_merge_by_hand():
     tau = torch.tensor([0.0, 2.0, -4.0, 1.0])
     opt = OnTIES([("w", p)], sft_delta={"w": tau}, lr=1.0, reserve_rate=0.5, merge_alpha=0.5)
     update = torch.tensor([3.0, -1.0, -2.0, 0.5])
-    merged = opt.merge(update.clone(), tau.clone(), opt.param_groups[0])
+    merged = opt.merge(update.clone(), tau.clone(), opt.param_groups[0], whole(update))
     # top-2 of update: [3, ., -2, .] * 0.5 = [1.5, 0, -1, 0]; top-2 of tau: [., 2, -4, .] * 0.5 = [0, 1, -2, 0]
     assert merged.tolist() == [1.5, 1.0, -3.0, 0.0]
 
@@ -95,14 +95,14 @@ def test_top_fraction_mask_exact_count_and_ties():
 def test_ondare_keep_rate_and_independent_masks():
     p = torch.nn.Parameter(torch.zeros(200_000))
     opt = OnDARE([("w", p)], sft_delta={"w": torch.ones(200_000)}, reserve_rate=0.1, merge_alpha=0.5, seed=3)
-    merged = opt.merge(torch.ones(200_000), torch.ones(200_000), opt.param_groups[0])
+    merged = opt.merge(torch.ones(200_000), torch.ones(200_000), opt.param_groups[0], whole(p))
     # 0.5·mask_u + 0.5·mask_τ with independent masks: P(1) = p², P(0.5) = 2p(1−p), P(0) = (1−p)²
     for value, expected in ((1.0, 0.01), (0.5, 0.18), (0.0, 0.81)):
         share = (merged == value).float().mean().item()
         assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / 200_000) + 1e-4, (value, share)
     rescaled = OnDARE([("w", p)], sft_delta={"w": torch.zeros(200_000)}, reserve_rate=0.1, merge_alpha=0.0,
                       rescale=True)
-    out = rescaled.merge(torch.ones(200_000), torch.zeros(200_000), rescaled.param_groups[0])
+    out = rescaled.merge(torch.ones(200_000), torch.zeros(200_000), rescaled.param_groups[0], whole(p))
     assert set(out.unique().tolist()) == {0.0, 10.0}
 
 
