@@ -15,6 +15,7 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import DPOConfig
 
+from qwen_align import lora
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
@@ -69,6 +70,7 @@ def load_pairs(stage: Config, seed: int) -> tuple[list[dict], list[dict], dict[s
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
+    lora.check_runnable(stage.lora, stage.name)
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     train_rows, eval_rows, data_report = load_pairs(stage, context.seed)
@@ -92,14 +94,10 @@ def run(stage: Config, context: StageContext) -> StageResult:
                    "merge_alpha": stage.merge_alpha, "rescale": stage.merge_rescale, "merge_every": stage.merge_every}
 
     ref_model = None
-    if not stage.precompute_ref_log_probs:
+    # With LoRA the reference is the policy with its adapter switched off (TRL, when ref_model is None).
+    if not stage.precompute_ref_log_probs and stage.lora is None:
         ref_model = load_model(context.init_source, "policy", tokenizer=tokenizer, dtype=dtype,
                                attn_implementation=stage.attn_implementation, seed=context.seed)
-    peft_config = None
-    if stage.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **stage.lora.model_dump())
     trainer = OnlineMergingDPOTrainer(
         model=policy,
         ref_model=ref_model,
@@ -107,7 +105,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora.peft_config(stage.lora, "causal_lm"),
         callbacks=[MetricsLogger(context, stage.name)],
         merging=merging,
     )
@@ -138,7 +136,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         context.log_metrics({"stage": stage.name, "heldout_pair_accuracy": after["pair_accuracy"],
                              "heldout_logp_accuracy": after["logp_accuracy"]})
 
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage.lora)
     if trainer.accelerator.is_main_process:
         metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)
