@@ -145,7 +145,8 @@ def save_adapter(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, base:
     for config in model.peft_config.values():
         config.base_model_name_or_path = base
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # No stage resizes the vocabulary, so the base's embeddings stay with the base.
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         tokenizer.save_pretrained(tmp)
         (Path(tmp) / BASE_FILE).write_text(json.dumps({"base_model": base, "seed": seed}) + "\n", encoding="utf-8")
     return out_dir

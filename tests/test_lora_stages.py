@@ -21,6 +21,7 @@ from qwen_align.errors import UserError
 from qwen_align.lora import check_runnable
 from qwen_align.model import load_model, save_checkpoint
 from qwen_align.recipe import LoraOptions, load_recipe
+from qwen_align.rm_eval.scorer import load_reward_model
 from qwen_align.runner import run_recipe
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
@@ -128,13 +129,14 @@ def test_sft_adapter_output_starts_a_lora_dpo_stage_without_a_reference_copy(
     assert any(not torch.equal(p, sft_weights[n]) for n, p in dpo_out.named_parameters())
 
 
-def test_reward_model_lora_trains_the_score_head_into_the_output(tmp_path, demo_tokenizer_dir, demo_tokenizer, trained):
+def test_reward_model_lora_trains_the_score_head_into_the_adapter_output(tmp_path, demo_tokenizer_dir, demo_tokenizer,
+                                                                        trained):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
     raw = {"model": "tiny", "tokenizer": str(demo_tokenizer_dir), "run_dir": str(tmp_path / "run"), "seed": 0,
            "stages": [{"name": "rm", "kind": "reward_model", "data": {"sources": [{"path": str(pairs)}]},
-                       "lora": LORA, "max_length": 64, "per_device_train_batch_size": 8, "max_steps": 2,
-                       "learning_rate": 1e-2, "eval_fraction": 0.0, "logging_steps": 1, "save_steps": 10,
-                       "dtype": "float32"}]}
+                       "lora": {**LORA, "save": "adapter"}, "max_length": 64, "per_device_train_batch_size": 8,
+                       "max_steps": 2, "learning_rate": 1e-2, "eval_fraction": 0.25, "logging_steps": 1,
+                       "save_steps": 10, "dtype": "float32"}]}
     entry = run_recipe(load_recipe(_write(tmp_path / "recipe.yaml", raw)))["stages"]["rm"]
     assert entry["status"] == "completed", entry.get("error")
     start = dict(load_model("tiny", "reward", tokenizer=demo_tokenizer, seed=0).named_parameters())
@@ -142,8 +144,14 @@ def test_reward_model_lora_trains_the_score_head_into_the_output(tmp_path, demo_
     assert_only_adapters_trained(params, start, trainable_extra="score.modules_to_save")
     trained_score = params["base_model.model.score.modules_to_save.default.weight"][0]
     assert not torch.equal(trained_score, start["score.weight"])
-    output = AutoModelForSequenceClassification.from_pretrained(entry["output"])
-    assert torch.equal(output.score.weight, trained_score)
+    # The adapter folder carries the head: peft, the model loader and `qwen-align eval-rm` all read it back.
+    out = entry["output"]
+    by_peft = PeftModel.from_pretrained(load_model("tiny", "reward", tokenizer=demo_tokenizer, seed=0), out)
+    assert torch.equal(by_peft.merge_and_unload().score.weight, trained_score)
+    model, _, _ = load_reward_model(out, dtype="float32")
+    assert torch.equal(model.score.weight, trained_score)
+    with pytest.raises(UserError, match="reward-model adapter .* cannot start a policy"):
+        load_model(out, "policy")
 
 
 def test_grpo_lora_with_kl_uses_the_adapter_free_policy_as_reference(tmp_path, demo_tokenizer_dir, demo_tokenizer,
