@@ -67,7 +67,9 @@ class OnlineMergingDPOTrainer(DPOTrainer):
         chosen, rejected = [], []
         # compute_ref_log_probs switches a peft model's adapter off when there is no ref_model; a ref_model set
         # for the duration keeps it on (the forward pass uses the `model` given).
-        ref_model, self.ref_model = self.ref_model, self.ref_model or model
+        ref_model = self.ref_model
+        if ref_model is None:
+            self.ref_model = model
         try:
             for batch in loader:
                 batch = {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
