@@ -79,7 +79,7 @@ def load_quantized(cls, path: Path, quantize: str, **kwargs) -> PreTrainedModel:
     from peft import prepare_model_for_kbit_training
 
     model = cls.from_pretrained(path, quantization_config=quantization_config(quantize),
-                                device_map={"": distributed.device()}, **kwargs)
+                                device_map={"": str(distributed.device())}, **kwargs)
     # The Trainer switches on gradient checkpointing itself when the stage asks for it.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -120,7 +120,7 @@ def load_adapter_folder(path: Path, role: str, load_base, tokenizer=None) -> Pre
 def save_trained(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, options: LoraOptions | None,
                  base: str, seed: int, writes: bool) -> PreTrainedModel:
     """Write a trained model as `lora.save` says (only where `writes`: the main rank); every rank gets back a
-    model for evaluation (merged, unless it is quantized)."""
+    model for evaluation (merged, unless its base is quantized)."""
     from accelerate.utils import is_peft_model
 
     from .model import save_checkpoint
@@ -129,12 +129,15 @@ def save_trained(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, optio
         if writes:
             save_checkpoint(model, tokenizer, out_dir)
         return model
-    quantized = _is_quantized(model)
     if options is not None and options.save == "adapter":
         if writes:
             save_adapter(model, tokenizer, out_dir, base, seed)
-        return model if quantized else model.merge_and_unload()
-    merged = _merged_on_plain_base(model, tokenizer, base, seed) if quantized else model.merge_and_unload()
+        return model if _is_quantized(model) else model.merge_and_unload()
+    if _is_quantized(model):  # the writer merges into a bf16 copy of the base; evaluation uses the k-bit model
+        if writes:
+            save_checkpoint(_merged_on_plain_base(model, tokenizer, base, seed), tokenizer, out_dir)
+        return model
+    merged = model.merge_and_unload()
     if writes:
         save_checkpoint(merged, tokenizer, out_dir)
     return merged

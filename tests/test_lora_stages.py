@@ -4,6 +4,7 @@ model for the reference, and QLoRA is refused in one line where it cannot run.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -191,3 +192,23 @@ def test_qlora_without_bitsandbytes_and_gpu_is_one_line_before_any_work(small_sf
     with pytest.raises(UserError, match="8-bit QLoRA"):
         check_runnable(LoraOptions(quantize="8bit"), "dpo")
     check_runnable(LoraOptions(), "dpo")  # plain LoRA runs anywhere
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("save", ["merged", "adapter"])
+def test_qlora_trains_on_bitsandbytes_cpu_backend(small_sft_recipe, demo_tokenizer, monkeypatch, trained, save):
+    """Where bitsandbytes is installed, its CPU backend runs the QLoRA path that the stage gate keeps for GPUs."""
+    monkeypatch.setattr("qwen_align.lora.check_runnable", lambda *args: None)
+    path, raw = small_sft_recipe
+    raw["stages"][0].update(lora={**LORA, "quantize": "4bit", "save": save}, task_eval=None)
+    entry = run_recipe(load_recipe(_write(path, raw)))["stages"]["sft"]
+    assert entry["status"] == "completed", entry.get("error")
+    assert any("Linear4bit" in type(m).__name__ for m in trained["trainer"].model.modules())
+    assert all("lora_" in n for n, (_, grad) in trained["params"].items() if grad)
+    assert any("lora_B" in n and value.abs().sum() > 0 for n, (value, _) in trained["params"].items())
+    start = load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=0).state_dict()
+    if save == "merged":  # merged into the base reloaded in bf16: compare with the start rounded the same way
+        start = {n: t.to(torch.bfloat16).float() for n, t in start.items()}
+    output = load_model(entry["output"], "policy")  # merged weights, or base + adapter merged
+    moved = max((p - start[n]).abs().max().item() for n, p in output.state_dict().items() if "q_proj.weight" in n)
+    assert moved > 1e-5, moved
