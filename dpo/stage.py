@@ -1,7 +1,8 @@
 """Run the DPO stage: preference pairs -> TRL DPOTrainer with an online merging optimizer -> a checkpoint.
 
-Reference model: the stage's start (`init_from`, the SFT output). Base for the SFT delta τ_r: `base_model`, else
-the recipe's `model` — for a preset that is the same seeded random init the SFT stage started from.
+Reference model: the stage's start (`init_from`, the SFT output); with `lora`, the policy with its adapter off.
+Base for the SFT delta τ_r: `base_model`, else the recipe's `model` — for a preset that is the same seeded
+random init the SFT stage started from.
 """
 
 from __future__ import annotations
