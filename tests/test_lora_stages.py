@@ -212,3 +212,31 @@ def test_qlora_trains_on_bitsandbytes_cpu_backend(small_sft_recipe, demo_tokeniz
     output = load_model(entry["output"], "policy")  # merged weights, or base + adapter merged
     moved = max((p - start[n]).abs().max().item() for n, p in output.state_dict().items() if "q_proj.weight" in n)
     assert moved > 1e-5, moved
+
+
+def test_adapter_on_an_adapter_folder_loads_both_on_the_seeded_preset(tmp_path, demo_tokenizer):
+    from peft import get_peft_model
+
+    from qwen_align.lora import peft_config, save_adapter
+
+    options = LoraOptions(**LORA, target_modules=["q_proj", "v_proj"], save="adapter")
+
+    def adapted(base_model):
+        model = get_peft_model(base_model, peft_config(options, "causal_lm"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # a trained-looking adapter (B starts at zero)
+        return model
+
+    first = adapted(load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=3))
+    save_adapter(first, demo_tokenizer, tmp_path / "a1", base="tiny", seed=3)
+    expected = first.merge_and_unload()
+    second = adapted(load_model(tmp_path / "a1", "policy"))
+    save_adapter(second, demo_tokenizer, tmp_path / "a2", base=str(tmp_path / "a1"), seed=0)
+    expected_second = dict(second.merge_and_unload().named_parameters())
+
+    # The preset base is rebuilt with the seed the first folder recorded, not the loader's default.
+    assert all(torch.equal(p, dict(expected.named_parameters())[n])
+               for n, p in load_model(tmp_path / "a1", "policy").named_parameters())
+    loaded = dict(load_model(tmp_path / "a2", "policy").named_parameters())
+    assert all(torch.equal(loaded[n], expected_second[n]) for n in expected_second)
