@@ -105,6 +105,11 @@ def load_adapter_folder(path: Path, role: str, load_base, tokenizer=None) -> Pre
     source = base.get("base_model") or config.base_model_name_or_path
     if not source:
         raise UserError(f"model '{path}': adapter folder names no base model ({ADAPTER_CONFIG}: base_model_name_or_path)")
+    from .presets import preset_name
+
+    if preset_name(source) is None and not Path(source).exists():
+        raise UserError(f"model '{path}': its base model '{source}' ({BASE_FILE}) is not a preset nor an existing "
+                        "folder; put the base back there, or write the path it has now into that file")
     if tokenizer is None and (path / "tokenizer_config.json").is_file():
         from .tokenizer import load_tokenizer
 

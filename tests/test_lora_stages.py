@@ -240,3 +240,7 @@ def test_adapter_on_an_adapter_folder_loads_both_on_the_seeded_preset(tmp_path, 
                for n, p in load_model(tmp_path / "a1", "policy").named_parameters())
     loaded = dict(load_model(tmp_path / "a2", "policy").named_parameters())
     assert all(torch.equal(loaded[n], expected_second[n]) for n in expected_second)
+
+    (tmp_path / "a1").rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=r"a2': its base model '.*a1' \(qwen_align_base.json\) is not a preset nor"):
+        load_model(tmp_path / "a2", "policy")
