@@ -1,7 +1,8 @@
 """Run the DPO stage: preference pairs -> TRL DPOTrainer with an online merging optimizer -> a checkpoint.
 
-Reference model: the stage's start (`init_from`, the SFT output). Base for the SFT delta τ_r: `base_model`, else
-the recipe's `model` — for a preset that is the same seeded random init the SFT stage started from.
+Reference model: the stage's start (`init_from`, the SFT output); with `lora`, the policy with its adapter off.
+Base for the SFT delta τ_r: `base_model`, else the recipe's `model` — for a preset that is the same seeded
+random init the SFT stage started from.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import DPOConfig
 
+from qwen_align import lora
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
@@ -68,6 +70,7 @@ def load_pairs(stage: Config, seed: int) -> tuple[list[dict], list[dict], dict[s
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
+    lora.check_runnable(stage.lora, stage.name)
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     train_rows, eval_rows, data_report = load_pairs(stage, context.seed)
@@ -89,14 +92,10 @@ def run(stage: Config, context: StageContext) -> StageResult:
                    "rescale": stage.merge_rescale, "merge_every": stage.merge_every}
 
     ref_model = None
-    if not stage.precompute_ref_log_probs:
+    # With LoRA the reference is the policy with its adapter switched off (TRL, when ref_model is None).
+    if not stage.precompute_ref_log_probs and stage.lora is None:
         ref_model = load_model(context.init_source, "policy", tokenizer=tokenizer, dtype=dtype,
                                attn_implementation=stage.attn_implementation, seed=context.seed)
-    peft_config = None
-    if stage.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **stage.lora.model_dump())
     trainer = OnlineMergingDPOTrainer(
         model=policy,
         ref_model=ref_model,
@@ -104,7 +103,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora.peft_config(stage.lora, "causal_lm"),
         callbacks=[MetricsLogger(context, stage.name)],
         merging=merging,
     )
@@ -137,7 +136,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         context.log_metrics({"stage": stage.name, "heldout_pair_accuracy": after["pair_accuracy"],
                              "heldout_logp_accuracy": after["logp_accuracy"]})
 
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage.lora)
     if trainer.accelerator.is_main_process:
         metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

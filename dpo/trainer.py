@@ -66,12 +66,18 @@ class OnlineMergingDPOTrainer(DPOTrainer):
 
     @torch.no_grad()
     def sequence_logps(self, model, dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probs of chosen and rejected completions of a prepared dataset, in order."""
+        """Summed log-probs of chosen and rejected completions of a prepared dataset, in order, under `model`
+        as it is (a LoRA policy with its adapter on)."""
         loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator,
                             shuffle=False)
         was_training = model.training
         model.eval()
         chosen, rejected = [], []
+        # compute_ref_log_probs switches a peft model's adapter off when there is no ref_model; a ref_model set
+        # for the duration keeps it on (the forward pass uses the `model` given).
+        ref_model = self.ref_model
+        if ref_model is None:
+            self.ref_model = model
         try:
             for batch in loader:
                 batch = {k: v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -80,6 +86,7 @@ class OnlineMergingDPOTrainer(DPOTrainer):
                 rejected.append(r.float().cpu())
         finally:
             model.train(was_training)
+            self.ref_model = ref_model
         return torch.cat(chosen), torch.cat(rejected)
 
 

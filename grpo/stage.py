@@ -8,6 +8,7 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import GRPOConfig
 
+from qwen_align import lora
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.generation import SamplingParams
 from qwen_align.model import load_model
@@ -95,7 +96,7 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
         )
     trainer = OrderedGRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=list(callbacks), schedule=schedule,
+        callbacks=list(callbacks), schedule=schedule, peft_config=lora.peft_config(stage.lora, "causal_lm"),
     )
     if scorer is not None:
         scorer.bind(trainer)
@@ -105,6 +106,7 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
 def run(stage: Config, context: StageContext) -> StageResult:
     from accelerate import PartialState
 
+    lora.check_runnable(stage.lora, stage.name)
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     queries, data_report = load_queries(stage, context)
@@ -123,7 +125,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if schedule is not None and context.resume_checkpoint is None:
         schedule.initial_round()
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage.lora)
 
     runtime = train_output.metrics.get("train_runtime", 0.0)
     metrics.update({

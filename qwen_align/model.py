@@ -7,6 +7,7 @@ label. Both come from the same loader and the same checkpoint format (a transfor
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -87,17 +88,22 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str = "auto",
     seed: int = 0,
+    quantize: str | None = None,
 ) -> PreTrainedModel:
     """A policy (causal LM) or reward model (1-label classifier) from a checkpoint dir or a preset name.
 
     A preset gives a randomly initialised model (tests and the demo); a directory is loaded with
-    `from_pretrained`. A reward model loaded from a policy checkpoint gets a fresh scoring head.
+    `from_pretrained`, an adapter folder (`lora.save: adapter`) as its base with the adapter merged. A reward
+    model loaded from a policy checkpoint gets a fresh scoring head. `quantize` (4bit, 8bit) loads for QLoRA.
     """
+    from .lora import is_adapter_folder, load_adapter_folder, load_quantized
+
     cls = Qwen2ForCausalLM if role == "policy" else Qwen2ForSequenceClassification
     attn = resolve_attn_implementation(attn_implementation)
     torch_dtype = resolve_dtype(dtype)
     name = preset_name(str(source))
-    if name is not None and not Path(source).exists():
+    path = Path(source)
+    if name is not None and not path.exists():
         config = preset_config(name, tokenizer)
         config._attn_implementation = attn
         if role == "reward":
@@ -107,14 +113,24 @@ def load_model(
         if torch_dtype not in ("auto", torch.float32):
             model = model.to(torch_dtype)
         log.info("built preset '%s' with random init (%.2fM parameters)", name, model.num_parameters() / 1e6)
-        return model
-    path = Path(source)
-    if not (path / "config.json").is_file():
+    elif is_adapter_folder(path):
+        def load_base(base, base_role, base_tokenizer, base_seed):
+            return load_model(base, base_role, tokenizer=base_tokenizer, dtype=dtype,
+                              attn_implementation=attn_implementation, seed=base_seed)
+
+        model = load_adapter_folder(path, role, load_base, tokenizer)
+    elif not (path / "config.json").is_file():
         raise UserError(f"model '{source}': not a preset ({', '.join(PRESETS)}) nor a checkpoint directory with config.json")
-    kwargs = {"attn_implementation": attn, "dtype": torch_dtype}
-    if role == "reward":
-        kwargs["num_labels"] = 1
-    model = cls.from_pretrained(path, **kwargs)
+    else:
+        kwargs = {"attn_implementation": attn, "dtype": torch_dtype}
+        if role == "reward":
+            kwargs["num_labels"] = 1
+        model = load_quantized(cls, path, quantize, **kwargs) if quantize else cls.from_pretrained(path, **kwargs)
+        quantize = None  # done while loading
+    if quantize:  # bitsandbytes quantizes while loading: go through a saved copy of the built/merged model
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = load_quantized(cls, Path(tmp), quantize, attn_implementation=attn, dtype=torch_dtype)
     if role == "reward" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -85,9 +85,18 @@ class TaskEval(Strict):
 class LoraOptions(Strict):
     r: int = Field(16, gt=0, description="Adapter rank.")
     lora_alpha: int = Field(32, gt=0, description="Adapter scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] | str = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names (or a regex) that get adapters; the reward model's `score` head trains in full.",
+    )
+    quantize: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load the frozen base 4-bit (nf4, bf16 compute) or 8-bit with bitsandbytes; "
+        "needs a CUDA GPU."
+    )
+    save: Literal["merged", "adapter"] = Field(
+        "merged", description="`merged`: plain weights every stage and engine loads; `adapter`: a peft adapter "
+        "folder whose base is the stage's start (later stages load base + adapter, merged)."
     )
 
 
@@ -114,7 +123,7 @@ class StageConfig(Strict):
         "auto", description="`auto`: flash_attention_2 when installed on a GPU, else sdpa."
     )
     gradient_checkpointing: bool = Field(False, description="True trades compute for activation memory.")
-    lora: LoraOptions | None = Field(None, description="Train LoRA adapters (peft); merged into the saved checkpoint.")
+    lora: LoraOptions | None = Field(None, description="Train LoRA/QLoRA adapters (peft) on a frozen base (see `lora`).")
     # Training options (transformers.TrainingArguments names)
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data.")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UserError
-from .recipe import DataConfig, Recipe, StageConfig
+from .recipe import DataConfig, LoraOptions, Recipe, StageConfig
 
 if TYPE_CHECKING:  # heavy imports stay out of `qwen-align plan`
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -91,6 +91,7 @@ class StageContext:
         return load_model(
             self.init_source, "policy", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
             attn_implementation=stage.attn_implementation, seed=self.seed,
+            quantize=stage.lora.quantize if stage.lora else None,
         )
 
     def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
@@ -157,15 +158,14 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
     )
 
 
-def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: StageContext) -> PreTrainedModel:
-    """The trained model (unwrapped, LoRA merged) written as the stage's output checkpoint by the main process."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if trainer.accelerator.is_main_process:
-        from .model import save_checkpoint
+def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: StageContext,
+                       lora: LoraOptions | None = None) -> PreTrainedModel:
+    """The trained model (unwrapped) written as the stage's output by the main process, merged or as an
+    adapter folder as `lora.save` says; returns the model to evaluate."""
+    from .lora import save_trained
 
-        save_checkpoint(model, tokenizer, context.output_dir)
+    model = save_trained(trainer.accelerator.unwrap_model(trainer.model), tokenizer, context.output_dir, lora,
+                         base=context.init_source, seed=context.seed, writes=trainer.accelerator.is_main_process)
     trainer.accelerator.wait_for_everyone()
     return model
 

@@ -9,6 +9,7 @@ from statistics import mean
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
+from qwen_align import lora
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
 from qwen_align.model import load_model
@@ -45,6 +46,7 @@ def heldout_metrics(model, tokenizer, items, stage: Config) -> dict:
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
+    lora.check_runnable(stage.lora, stage.name)
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     rows, data_report = load_training_rows(stage.data, context.seed, kind="preference")
@@ -62,20 +64,16 @@ def run(stage: Config, context: StageContext) -> StageResult:
           f"{data_report['bad_rows_skipped']})")
 
     model = load_model(context.init_source, "reward", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
-                       attn_implementation=stage.attn_implementation, seed=context.seed)
+                       attn_implementation=stage.attn_implementation, seed=context.seed,
+                       quantize=stage.lora.quantize if stage.lora else None)
     model.config.pad_token_id = tokenizer.pad_token_id
-    peft_config = None
-    if stage.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **stage.lora.model_dump())
     trainer = RewardTrainer(
         model=model, args=training_args(stage, context), train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[MetricsLogger(context, stage.name)],
+        peft_config=lora.peft_config(stage.lora, "reward"), callbacks=[MetricsLogger(context, stage.name)],
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     trainer.model.config.pad_token_id = tokenizer.pad_token_id
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage.lora)
     metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
     if heldout and trainer.accelerator.is_main_process:
         held = heldout_metrics(model, tokenizer, heldout, stage)

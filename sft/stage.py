@@ -7,6 +7,7 @@ import logging
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
+from qwen_align import lora
 from qwen_align.data import load_training_rows
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.stage import StageContext, StageResult, save_trained_model, train_metrics, trainer_arguments
@@ -30,6 +31,7 @@ def training_args(stage: Config, context: StageContext) -> SFTConfig:
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
+    lora.check_runnable(stage.lora, stage.name)
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     rows, data_report = load_training_rows(stage.data, context.seed)
@@ -47,11 +49,6 @@ def run(stage: Config, context: StageContext) -> StageResult:
         log.warning("packing with %s attention: each packed row attends through a block-diagonal mask, so its cost "
                     "grows with the square of max_length; flash_attention_2 (GPU) skips the masked blocks, and "
                     "`packing: false` suits short examples on CPU", attn)
-    peft_config = None
-    if stage.lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **stage.lora.model_dump())
     if stage.fused_loss:
         from .trainer import FusedLossSFTTrainer as trainer_cls
     else:
@@ -62,12 +59,12 @@ def run(stage: Config, context: StageContext) -> StageResult:
         args=training_args(stage, context),
         train_dataset=dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora.peft_config(stage.lora, "causal_lm"),
         callbacks=[MetricsLogger(context, stage.name)],
         **extra,
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage.lora)
     metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
     if trainer.accelerator.is_main_process:
         metrics.update(context.evaluate_task(stage, model, tokenizer))

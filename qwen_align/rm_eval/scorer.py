@@ -104,17 +104,22 @@ def load_reward_model(path: str | Path, dtype: str = "auto"):
     """A sequence-classification reward model (one output) and its tokenizer from a checkpoint folder."""
     from transformers import AutoModelForSequenceClassification
 
-    from ..model import resolve_dtype
+    from ..lora import is_adapter_folder
+    from ..model import load_model, resolve_dtype
     from ..stage import resolve_stage_dtype
     from ..tokenizer import load_tokenizer
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model {path}: not a checkpoint folder (no config.json)")
+    adapter = is_adapter_folder(path)
+    if not (path / "config.json").is_file() and not adapter:
+        raise UserError(f"--model {path}: not a checkpoint folder (no config.json) nor a LoRA adapter folder")
     tokenizer = load_tokenizer(path)
     dtype = resolve_stage_dtype(dtype)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype))
+        if adapter:  # a reward_model stage's `lora.save: adapter` output: base + adapter, merged
+            model = load_model(path, "reward", tokenizer=tokenizer, dtype=dtype)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as e:
         raise UserError(f"--model {path}: cannot load a sequence-classification model ({str(e).splitlines()[0]})") from e
     if model.config.num_labels != 1:
