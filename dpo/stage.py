@@ -15,7 +15,7 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import DPOConfig
 
-from qwen_align.callbacks import MetricsLogger
+from qwen_align.callbacks import training_callbacks
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
 from qwen_align.model import load_model
@@ -108,7 +108,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[MetricsLogger(context, stage.name)],
+        callbacks=training_callbacks(stage, context),
         merging=merging,
     )
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed, registry
-from .errors import RecipeError, UserError
+from .errors import Interrupted, RecipeError, UserError
 from .fsutil import atomic_write_json
 from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
 from .stage import StageContext, StageResult
@@ -169,6 +169,10 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
     with _stage_log(run_dir / "logs" / f"{stage.name}.log"):
         try:
             result: StageResult = module.run(stage, context)
+        except Interrupted as e:
+            manifest.update(stage.name, status="interrupted", interrupted_at_step=e.step, signal=e.signal_name,
+                            finished_at=_now())
+            raise
         except KeyboardInterrupt:
             manifest.update(stage.name, status="interrupted", finished_at=_now())
             raise
@@ -183,12 +187,10 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
 
 
 def _last_checkpoint(folder: Path) -> str | None:
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    if not found:
-        return None
-    return str(max(found, key=lambda p: int(p.name.split("-")[-1])))
+    """The newest whole trainer checkpoint; torn ones are set aside, staging leftovers removed."""
+    from .checkpoints.resume import last_whole_checkpoint
+
+    return last_whole_checkpoint(folder)
 
 
 LOGGERS = ("qwen_align", "transformers", "trl", "sft", "dpo", "grpo", "reward_model")

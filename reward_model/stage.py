@@ -9,7 +9,8 @@ from statistics import mean
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from qwen_align.callbacks import MetricsLogger
+from qwen_align.callbacks import training_callbacks
+from qwen_align.checkpoints.resume import atomic_checkpoints
 from qwen_align.data import load_training_rows
 from qwen_align.model import load_model
 from qwen_align.rm_eval.scorer import score_items
@@ -69,9 +70,9 @@ def run(stage: Config, context: StageContext) -> StageResult:
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="SEQ_CLS", modules_to_save=["score"], **stage.lora.model_dump())
-    trainer = RewardTrainer(
+    trainer = atomic_checkpoints(RewardTrainer)(
         model=model, args=training_args(stage, context), train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config, callbacks=[MetricsLogger(context, stage.name)],
+        peft_config=peft_config, callbacks=training_callbacks(stage, context),
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     trainer.model.config.pad_token_id = tokenizer.pad_token_id

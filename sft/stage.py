@@ -8,7 +8,8 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from qwen_align.data import load_training_rows
-from qwen_align.callbacks import MetricsLogger
+from qwen_align.callbacks import training_callbacks
+from qwen_align.checkpoints.resume import atomic_checkpoints
 from qwen_align.stage import StageContext, StageResult, save_trained_model, train_metrics, trainer_arguments
 
 from .config import Config
@@ -55,7 +56,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if stage.fused_loss:
         from .trainer import FusedLossSFTTrainer as trainer_cls
     else:
-        trainer_cls = SFTTrainer
+        trainer_cls = atomic_checkpoints(SFTTrainer)
     extra = {"loss_chunk_size": stage.loss_chunk_size} if stage.fused_loss else {}
     trainer = trainer_cls(
         model=model,
@@ -63,7 +64,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[MetricsLogger(context, stage.name)],
+        callbacks=training_callbacks(stage, context),
         **extra,
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
