@@ -9,7 +9,6 @@ import time
 from transformers import TrainerCallback
 
 from . import distributed
-from .errors import Interrupted
 from .stage import StageContext
 
 log = logging.getLogger(__name__)
@@ -49,7 +48,7 @@ class TimedSave(TrainerCallback):
 
 
 class Preemption(TrainerCallback):
-    """SIGTERM/SIGINT while training: finish the step, save a checkpoint, stop, raise `Interrupted`.
+    """SIGTERM/SIGINT while training: finish the step, save a checkpoint, stop (then the trainer raises `Interrupted`).
 
     Under several ranks a signal may reach only some of them; the stop is decided collectively at each step
     end so that all save the same step. A second signal falls back to the default (immediate) behaviour.
@@ -86,9 +85,7 @@ class Preemption(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.restore()
-        if self.received is not None:
-            raise Interrupted(state.global_step, self.received)
+        self.restore()  # the trainer (`AtomicCheckpoints.train`) raises `Interrupted` once train() is done
 
 
 def training_callbacks(stage, context: StageContext) -> list[TrainerCallback]:

@@ -12,6 +12,7 @@ interrupted one resumes from its last trainer checkpoint; a changed one starts o
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import logging
 import os
@@ -27,6 +28,8 @@ from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
 from .stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 LIBRARIES = ("qwen-align", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
@@ -178,6 +181,10 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
             raise
         except Exception as e:
             manifest.update(stage.name, status="failed", error=f"{type(e).__name__}: {e}"[:2000], finished_at=_now())
+            if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # e.g. a full disk under final/: one line
+                where = e.filename or stage_dir
+                raise UserError(f"stage '{stage.name}': could not write {where}: {errno.errorcode[e.errno]} "
+                                f"({e.strerror}); earlier outputs and the manifest are intact") from e
             raise
     manifest.update(
         stage.name, status="completed", output=str(result.output),

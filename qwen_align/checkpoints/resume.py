@@ -24,15 +24,16 @@ import time
 from pathlib import Path
 
 from .. import distributed
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 
 log = logging.getLogger(__name__)
 
 STAGING = ".staging"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
-# Test-only hooks (set by tests/test_kill_resume.py, never by users): pause for this many seconds once the
-# model and optimizer of a checkpoint are in its staging folder, so a test can kill the process mid-write.
+# Test-only hook (set by tests/test_kill_resume.py, never by users): "STEP:SECONDS" pauses the write of
+# checkpoint-STEP for SECONDS once its model, optimizer and scheduler are in the staging folder (RNG and
+# trainer state not yet), so that a test can kill the process mid-write or signal it at a known step.
 PAUSE_ENV = "QWEN_ALIGN_TEST_CHECKPOINT_PAUSE"
 
 
@@ -83,10 +84,10 @@ def publish(staged: Path, target: Path, save_total_limit: int | None) -> None:
                 shutil.rmtree(stale)
 
 
-def _test_pause() -> None:
-    seconds = float(os.environ.get(PAUSE_ENV) or 0)
-    if seconds > 0:
-        time.sleep(seconds)
+def _test_pause(step: int) -> None:
+    hook = os.environ.get(PAUSE_ENV)
+    if hook and int(hook.split(":")[0]) == step:
+        time.sleep(float(hook.split(":")[1]))
 
 
 class AtomicCheckpoints:
@@ -102,18 +103,24 @@ class AtomicCheckpoints:
         return super()._get_output_dir(trial)
 
     def train(self, *args, **kwargs):
-        try:
-            return super().train(*args, **kwargs)
-        finally:  # a run that fails mid-training gives the process its usual signal handling back
-            from ..callbacks import Preemption
+        """The Trainer's train(); raises `Interrupted` once a `Preemption` callback has stopped it (after the
+        progress bar closed, so the interrupted line is the last one printed)."""
+        from ..callbacks import Preemption
 
-            for callback in self.callback_handler.callbacks:
-                if isinstance(callback, Preemption):
-                    callback.restore()
+        preemption = [c for c in self.callback_handler.callbacks if isinstance(c, Preemption)]
+        try:
+            output = super().train(*args, **kwargs)
+        finally:  # also when training fails: the process gets its usual signal handling back
+            for callback in preemption:
+                callback.restore()
+        for callback in preemption:
+            if callback.received is not None:
+                raise Interrupted(self.state.global_step, callback.received)
+        return output
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
-        _test_pause()
+        _test_pause(self.state.global_step)
 
     def _save_checkpoint(self, model, trial):
         run_dir = Path(super()._get_output_dir(trial))
@@ -127,7 +134,7 @@ class AtomicCheckpoints:
         failure = None
         try:
             super()._save_checkpoint(model, trial)  # every rank writes its part under .staging/checkpoint-N
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, RuntimeError (torch) or SafetensorError
             failure = e
         finally:
             self._staging_root = None
@@ -147,11 +154,13 @@ class AtomicCheckpoints:
         distributed.barrier()
 
 
-def _describe(error: OSError | None) -> str | None:
+def _describe(error: BaseException | None) -> str | None:
+    """One line: `ENOSPC (No space left on device)` for an OSError, else the error's first line."""
     if error is None:
         return None
-    code = errno.errorcode.get(error.errno, str(error.errno)) if error.errno else "?"
-    return f"{code} ({error.strerror or error})"
+    if isinstance(error, OSError) and error.errno:
+        return f"{errno.errorcode.get(error.errno, error.errno)} ({error.strerror or error})"
+    return _short(error)
 
 
 _ATOMIC_CLASSES: dict[type, type] = {}
