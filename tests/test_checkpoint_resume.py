@@ -28,8 +28,8 @@ def _fake_checkpoint(folder: Path, step: int) -> Path:
     ckpt = folder / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
     save_file({"w": torch.randn(64, 64), "b": torch.zeros(64)}, ckpt / "model.safetensors")
-    torch.save({"state": {0: {"exp_avg": torch.randn(64, 64), "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1e-3}]},
-               ckpt / "optimizer.pt")
+    optimizer = {"state": {0: {"exp_avg": torch.randn(64, 64), "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 1}]}
+    torch.save(optimizer, ckpt / "optimizer.pt")
     torch.save({"last_epoch": step, "_last_lr": [1e-3]}, ckpt / "scheduler.pt")
     torch.save({"python": (3, tuple(range(5)), None), "numpy": np.random.get_state(),
                 "cpu": torch.random.get_rng_state()}, ckpt / "rng_state.pth")

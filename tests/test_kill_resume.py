@@ -174,3 +174,41 @@ def test_sigterm_then_sigint_save_at_the_next_step_and_the_rerun_finishes_the_sa
     assert done.returncode == 0, done.stdout[-3000:]
     assert _manifest_entry(recipe, "sft")["resumed_from"] == str(checkpoints / "checkpoint-5")
     _assert_same_weights(_final_weights(recipe, "sft"), reference("sft"))
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, demo_tokenizer_dir):
+    """torchrun, 2 processes (gloo): SIGTERM reaches rank 1 only; both save checkpoint-3 (written by both into
+    one staging folder, renamed by rank 0) and stop, and the rerun resumes from it and completes."""
+    import psutil
+
+    recipe = _recipe(tmp_path, "sft", demo_tokenizer_dir)
+    checkpoints = (tmp_path / "run" / "sft" / "checkpoints").resolve()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "qwen_align.cli", "run",
+               str(recipe)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", PAUSE_ENV: "2:3"}
+    log = open(tmp_path / "first.out", "w")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait_for(checkpoints / ".staging" / "checkpoint-2" / "scheduler.pt", proc)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "qwen_align.cli" in p.cmdline()]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "first.out").read_text()
+    assert out.count("interrupted at step 3; rerun the same command to resume") == 2, out[-3000:]
+    entry = _manifest_entry(recipe, "sft")
+    assert entry["status"] == "interrupted" and entry["interrupted_at_step"] == 3
+    check_checkpoint(checkpoints / "checkpoint-3")
+    assert sorted(p.name for p in (checkpoints / "checkpoint-3").glob("rng_state*")) == ["rng_state_0.pth",
+                                                                                         "rng_state_1.pth"]
+
+    env.pop(PAUSE_ENV)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    entry = _manifest_entry(recipe, "sft")
+    assert entry["status"] == "completed" and entry["resumed_from"] == str(checkpoints / "checkpoint-3")

@@ -134,7 +134,7 @@ class AtomicCheckpoints:
         failure = None
         try:
             super()._save_checkpoint(model, trial)  # every rank writes its part under .staging/checkpoint-N
-        except Exception as e:  # noqa: BLE001 - a full disk surfaces as OSError, RuntimeError (torch) or SafetensorError
+        except Exception as e:  # noqa: BLE001 - a full disk: OSError, or RuntimeError (torch), SafetensorError
             failure = e
         finally:
             self._staging_root = None
@@ -187,11 +187,9 @@ def check_checkpoint(folder: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TornCheckpoint(f"{state.name}: {_short(e)}") from None
     _check_weights(folder)
-    sharded = [p for p in folder.iterdir() if p.name.startswith("pytorch_model_fsdp") or p.name.startswith("optimizer_")]
-    if not (folder / "optimizer.pt").exists() and not sharded:
-        raise TornCheckpoint("optimizer.pt: missing")
-    for name in ("optimizer.pt", "scheduler.pt"):
-        _check_torch_file(folder / name, required=name == "scheduler.pt" or not sharded)
+    if not any(p.name.startswith("optimizer_") for p in folder.iterdir()):  # FSDP writes optimizer_0/ instead
+        _check_torch_file(folder / "optimizer.pt")
+    _check_torch_file(folder / "scheduler.pt")
     rng = sorted(folder.glob("rng_state*.pth"))
     if not rng:
         raise TornCheckpoint("rng_state.pth: missing")
@@ -233,11 +231,9 @@ def _check_safetensors(path: Path) -> None:
         raise TornCheckpoint(f"{path.name}: {_short(e)}") from None
 
 
-def _check_torch_file(path: Path, required: bool = True) -> None:
+def _check_torch_file(path: Path) -> None:
     if not path.exists():
-        if required:
-            raise TornCheckpoint(f"{path.name}: missing")
-        return
+        raise TornCheckpoint(f"{path.name}: missing")
     import torch
     from transformers.trainer_pt_utils import safe_globals
 
