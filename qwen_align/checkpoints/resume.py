@@ -139,13 +139,12 @@ class AtomicCheckpoints:
         finally:
             self._staging_root = None
         failures = [f for f in distributed.gather_objects(_describe(failure)) if f]
-        if not failures:
+        if not failures and distributed.is_main():
             try:
-                if distributed.is_main():
-                    publish(staging_root / name, run_dir / name, self.args.save_total_limit)
+                publish(staging_root / name, run_dir / name, self.args.save_total_limit)
             except OSError as e:
                 failures = [_describe(e)]
-            failures = [f for f in distributed.gather_objects(failures[0] if failures else None) if f]
+        failures = distributed.broadcast_object(failures)  # the same on every rank: all stop, or none
         if failures:
             if distributed.is_main():
                 shutil.rmtree(staging_root / name, ignore_errors=True)
