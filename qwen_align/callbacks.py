@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 
 from transformers import TrainerCallback
@@ -75,6 +76,8 @@ class Preemption(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; training in a thread keeps the default behaviour
         for signum in self.SIGNALS:
             self.previous[signum] = signal.signal(signum, self._handle)
 
