@@ -17,7 +17,7 @@ from transformers import set_seed
 from trl import DPOConfig
 
 from qwen_align import lora
-from qwen_align.callbacks import MetricsLogger
+from qwen_align.callbacks import training_callbacks
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
 from qwen_align.model import load_model
@@ -104,7 +104,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         peft_config=lora.peft_config(stage.lora, "causal_lm"),
-        callbacks=[MetricsLogger(context, stage.name)],
+        callbacks=training_callbacks(stage, context),
         merging=merging,
     )
 

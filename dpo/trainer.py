@@ -10,12 +10,13 @@ import torch
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
+from qwen_align.checkpoints.resume import AtomicCheckpoints
 from qwen_align.errors import UserError
 
 from .online_merging import OPTIMIZERS
 
 
-class OnlineMergingDPOTrainer(DPOTrainer):
+class OnlineMergingDPOTrainer(AtomicCheckpoints, DPOTrainer):
     """`merging`: None (plain AdamW from the Trainer) or {"variant", "base", "base_load_kwargs", "reserve_rate",
     "merge_alpha", "rescale", "merge_every"}; `base` is the checkpoint τ_r = start − base is taken against.
 

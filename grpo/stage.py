@@ -9,7 +9,7 @@ from transformers import set_seed
 from trl import GRPOConfig
 
 from qwen_align import lora
-from qwen_align.callbacks import MetricsLogger
+from qwen_align.callbacks import training_callbacks
 from qwen_align.generation import SamplingParams
 from qwen_align.model import load_model
 from qwen_align.stage import (
@@ -121,7 +121,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         metrics["heldout_accuracy_before"] = before.get("heldout_accuracy")
     reward_funcs = build_rewards(stage, context, tokenizer, PartialState().device)
     trainer, schedule = make_trainer(stage, context, model, tokenizer, queries, reward_funcs,
-                                     callbacks=[MetricsLogger(context, stage.name)])
+                                     callbacks=training_callbacks(stage, context))
     if schedule is not None and context.resume_checkpoint is None:
         schedule.initial_round()
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)

@@ -7,6 +7,7 @@ import math
 import torch
 from trl import GRPOTrainer
 
+from qwen_align.checkpoints.resume import AtomicCheckpoints
 from qwen_align.generation import SamplingParams, generate
 
 from .ordering import OrderingSchedule, QueryScore, score_of
@@ -14,7 +15,7 @@ from .rewards import combined
 from .sampler import OrderedRepeatSampler
 
 
-class OrderedGRPOTrainer(GRPOTrainer):
+class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """`schedule` set: the train sampler follows it (no shuffle); None: TRL's shuffled RepeatSampler."""
 
     def __init__(self, *args, schedule: OrderingSchedule | None = None, **kwargs):

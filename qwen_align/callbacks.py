@@ -1,10 +1,18 @@
-"""Trainer callbacks shared by the stages."""
+"""Trainer callbacks every training stage gets from `training_callbacks`: metrics, time-based saves, preemption."""
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+import time
+
 from transformers import TrainerCallback
 
+from . import distributed
 from .stage import StageContext
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger(TrainerCallback):
@@ -17,3 +25,75 @@ class MetricsLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             self.context.log_metrics({"stage": self.stage_name, "step": state.global_step, **logs})
+
+
+class TimedSave(TrainerCallback):
+    """Save a checkpoint once `minutes` have passed since the last save (or the start), besides `save_steps`.
+
+    Ranks' clocks differ, so the decision is collective: any rank that is due makes every rank save.
+    """
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if distributed.any_rank(time.monotonic() - self.last >= self.seconds):
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.monotonic()
+
+
+class Preemption(TrainerCallback):
+    """SIGTERM/SIGINT while training: finish the step, save a checkpoint, stop (then the trainer raises `Interrupted`).
+
+    Under several ranks a signal may reach only some of them; the stop is decided collectively at each step
+    end so that all save the same step. A second signal falls back to the default (immediate) behaviour.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # second signal: do not wait for the step to end
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the end of this step, then stopping", self.received)
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; training in a thread keeps the default behaviour
+        for signum in self.SIGNALS:
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if distributed.any_rank(self.received is not None):
+            self.received = self.received or "a signal on another rank"
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()  # the trainer (`AtomicCheckpoints.train`) raises `Interrupted` once train() is done
+
+
+def training_callbacks(stage, context: StageContext) -> list[TrainerCallback]:
+    """The callbacks each training stage passes to its Trainer."""
+    callbacks: list[TrainerCallback] = [MetricsLogger(context, stage.name), Preemption()]
+    if stage.save_every_minutes:
+        callbacks.append(TimedSave(stage.save_every_minutes))
+    return callbacks

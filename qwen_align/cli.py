@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except Interrupted as e:  # SIGTERM/SIGINT during training: a checkpoint was saved at step e.step
+        print(e, file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

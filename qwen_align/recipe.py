@@ -137,6 +137,11 @@ class StageConfig(Strict):
     warmup_steps: float = Field(0, ge=0, description="Steps, or a fraction of all steps when below 1.")
     logging_steps: int = Field(10, gt=0, description="Steps between metric records (console, metrics.jsonl).")
     save_steps: int = Field(500, gt=0, description="Checkpoint interval; an interrupted stage resumes from the last.")
+    save_every_minutes: float | None = Field(
+        30, gt=0, description="Also save a checkpoint when this many minutes have passed since the last one "
+        "(`null`: steps only). 30 bounds the work a kill loses while keeping the time spent writing large "
+        "checkpoints small."
+    )
     save_total_limit: int | None = Field(2, description="Keep only this many trainer checkpoints.")
 
     @field_validator("name")

@@ -12,6 +12,7 @@ interrupted one resumes from its last trainer checkpoint; a changed one starts o
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import logging
 import os
@@ -21,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed, registry
-from .errors import RecipeError, UserError
+from .errors import Interrupted, RecipeError, UserError
 from .fsutil import atomic_write_json
 from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
 from .stage import StageContext, StageResult
 
 log = logging.getLogger(__name__)
+
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 LIBRARIES = ("qwen-align", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
 
@@ -169,11 +172,19 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
     with _stage_log(run_dir / "logs" / f"{stage.name}.log"):
         try:
             result: StageResult = module.run(stage, context)
+        except Interrupted as e:
+            manifest.update(stage.name, status="interrupted", interrupted_at_step=e.step, signal=e.signal_name,
+                            finished_at=_now())
+            raise
         except KeyboardInterrupt:
             manifest.update(stage.name, status="interrupted", finished_at=_now())
             raise
         except Exception as e:
             manifest.update(stage.name, status="failed", error=f"{type(e).__name__}: {e}"[:2000], finished_at=_now())
+            if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # e.g. a full disk under final/: one line
+                where = e.filename or stage_dir
+                raise UserError(f"stage '{stage.name}': could not write {where}: {errno.errorcode[e.errno]} "
+                                f"({e.strerror}); earlier outputs and the manifest are intact") from e
             raise
     manifest.update(
         stage.name, status="completed", output=str(result.output),
@@ -183,12 +194,10 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
 
 
 def _last_checkpoint(folder: Path) -> str | None:
-    if not folder.is_dir():
-        return None
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    if not found:
-        return None
-    return str(max(found, key=lambda p: int(p.name.split("-")[-1])))
+    """The newest whole trainer checkpoint; torn ones are set aside, staging leftovers removed."""
+    from .checkpoints.resume import last_whole_checkpoint
+
+    return last_whole_checkpoint(folder)
 
 
 LOGGERS = ("qwen_align", "transformers", "trl", "sft", "dpo", "grpo", "reward_model")

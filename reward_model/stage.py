@@ -10,7 +10,8 @@ from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
 from qwen_align import lora
-from qwen_align.callbacks import MetricsLogger
+from qwen_align.callbacks import training_callbacks
+from qwen_align.checkpoints.resume import atomic_checkpoints
 from qwen_align.data import load_training_rows
 from qwen_align.model import load_model
 from qwen_align.rm_eval.scorer import score_items
@@ -67,9 +68,9 @@ def run(stage: Config, context: StageContext) -> StageResult:
                        attn_implementation=stage.attn_implementation, seed=context.seed,
                        quantize=stage.lora.quantize if stage.lora else None)
     model.config.pad_token_id = tokenizer.pad_token_id
-    trainer = RewardTrainer(
+    trainer = atomic_checkpoints(RewardTrainer)(
         model=model, args=training_args(stage, context), train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora.peft_config(stage.lora, "reward"), callbacks=[MetricsLogger(context, stage.name)],
+        peft_config=lora.peft_config(stage.lora, "reward"), callbacks=training_callbacks(stage, context),
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     trainer.model.config.pad_token_id = tokenizer.pad_token_id

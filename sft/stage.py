@@ -9,7 +9,8 @@ from trl import SFTConfig, SFTTrainer
 
 from qwen_align import lora
 from qwen_align.data import load_training_rows
-from qwen_align.callbacks import MetricsLogger
+from qwen_align.callbacks import training_callbacks
+from qwen_align.checkpoints.resume import atomic_checkpoints
 from qwen_align.stage import StageContext, StageResult, save_trained_model, train_metrics, trainer_arguments
 
 from .config import Config
@@ -52,7 +53,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if stage.fused_loss:
         from .trainer import FusedLossSFTTrainer as trainer_cls
     else:
-        trainer_cls = SFTTrainer
+        trainer_cls = atomic_checkpoints(SFTTrainer)
     extra = {"loss_chunk_size": stage.loss_chunk_size} if stage.fused_loss else {}
     trainer = trainer_cls(
         model=model,
@@ -60,7 +61,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora.peft_config(stage.lora, "causal_lm"),
-        callbacks=[MetricsLogger(context, stage.name)],
+        callbacks=training_callbacks(stage, context),
         **extra,
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from trl import SFTTrainer
 
+from qwen_align.checkpoints.resume import AtomicCheckpoints
 from qwen_align.losses import causal_lm_loss
 
 
-class FusedLossSFTTrainer(SFTTrainer):
+class FusedLossSFTTrainer(AtomicCheckpoints, SFTTrainer):
     def __init__(self, *args, loss_chunk_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import arithmetic_rows, write_jsonl
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qwen_align.errors import DataError, RecipeError
@@ -59,15 +61,27 @@ def test_run_skip_and_rerun_on_change(small_sft_recipe, capsys):
     assert changed["stages"]["sft"]["config_hash"] != entry["config_hash"]
 
 
-def test_interrupted_stage_resumes_from_last_checkpoint(small_sft_recipe):
+def test_interrupted_stage_resumes_from_last_checkpoint_to_the_uninterrupted_weights(small_sft_recipe):
     path, raw = small_sft_recipe
-    run_recipe(load_recipe(path))
+    overrides = ["stages.sft.max_steps=4", "stages.sft.save_steps=2", "stages.sft.task_eval=null"]
+    entry = run_recipe(load_recipe(path, overrides))["stages"]["sft"]
+    uninterrupted = load_file(f"{entry['output']}/model.safetensors")
+    # As if the process died during step 3 or 4: only checkpoint-2 was written, no output, status running.
+    stage_dir = path.parent / "run" / "sft"
+    shutil.rmtree(stage_dir / "checkpoints" / "checkpoint-4")
+    shutil.rmtree(stage_dir / "final")
     manifest_path = path.parent / "run" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["stages"]["sft"]["status"] = "interrupted"  # as if the process died after its last checkpoint
+    manifest["stages"]["sft"]["status"] = "running"
     manifest_path.write_text(json.dumps(manifest))
-    again = run_recipe(load_recipe(path))["stages"]["sft"]
+
+    again = run_recipe(load_recipe(path, overrides))["stages"]["sft"]
     assert again["status"] == "completed" and again["resumed_from"].endswith("checkpoint-2")
+    steps = [r["step"] for r in map(json.loads, open(path.parent / "run" / "metrics.jsonl")) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 3, 4]  # steps 3 and 4 trained again, 1 and 2 not
+    resumed = load_file(f"{again['output']}/model.safetensors")
+    # Optimizer moments, scheduler, RNG and the data order all restored: the same weights, bit for bit.
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_bad_data_fails_clearly_and_writes_no_output(small_sft_recipe):
