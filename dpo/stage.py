@@ -18,7 +18,6 @@ from trl import DPOConfig
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
-from qwen_align.model import load_model
 from qwen_align.stage import (
     StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
 )
@@ -93,8 +92,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
 
     ref_model = None
     if not stage.precompute_ref_log_probs:
-        ref_model = load_model(context.init_source, "policy", tokenizer=tokenizer, dtype=dtype,
-                               attn_implementation=stage.attn_implementation, seed=context.seed)
+        ref_model = context.load_model(stage, tokenizer, "policy")
     peft_config = None
     if stage.lora is not None:
         from peft import LoraConfig

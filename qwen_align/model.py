@@ -19,8 +19,8 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
+from .checkpoints import published
 from .errors import UserError
-from .fsutil import atomic_dir
 from .presets import PRESETS, RMS_NORM_EPS, ROPE_THETA, preset_name
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,14 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str = "auto",
     seed: int = 0,
+    rope_scaling: dict | None = None,
 ) -> PreTrainedModel:
     """A policy (causal LM) or reward model (1-label classifier) from a checkpoint dir or a preset name.
 
     A preset gives a randomly initialised model (tests and the demo); a directory is loaded with
-    `from_pretrained`. A reward model loaded from a policy checkpoint gets a fresh scoring head.
+    `from_pretrained` (published layout or ours). A reward model loaded from a policy checkpoint gets a fresh
+    scoring head, initialised as transformers does (normal(0, initializer_range)). `rope_scaling` (the recipe's
+    {type, factor, original_max_position_embeddings}) replaces the config's RoPE parameters.
     """
     cls = Qwen2ForCausalLM if role == "policy" else Qwen2ForSequenceClassification
     attn = resolve_attn_implementation(attn_implementation)
@@ -99,6 +102,8 @@ def load_model(
     name = preset_name(str(source))
     if name is not None and not Path(source).exists():
         config = preset_config(name, tokenizer)
+        if rope_scaling:
+            config.rope_parameters = published.rope_parameters(rope_scaling, ROPE_THETA)
         config._attn_implementation = attn
         if role == "reward":
             config.num_labels = 1
@@ -109,23 +114,15 @@ def load_model(
         log.info("built preset '%s' with random init (%.2fM parameters)", name, model.num_parameters() / 1e6)
         return model
     path = Path(source)
-    if not (path / "config.json").is_file():
+    if not published.is_checkpoint(path):
         raise UserError(f"model '{source}': not a preset ({', '.join(PRESETS)}) nor a checkpoint directory with config.json")
-    kwargs = {"attn_implementation": attn, "dtype": torch_dtype}
-    if role == "reward":
-        kwargs["num_labels"] = 1
-    model = cls.from_pretrained(path, **kwargs)
+    model = published.load_pretrained(path, cls, dtype=torch_dtype, attn_implementation=attn,
+                                      num_labels=1 if role == "reward" else None, rope_scaling=rope_scaling)
     if role == "reward" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Write model + tokenizer (with chat template) so `AutoModel*.from_pretrained(out_dir)` works; atomic."""
-    out_dir = Path(out_dir)
-    if hasattr(model, "merge_and_unload"):  # a peft model: ship plain weights every stage can load
-        model = model.merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return out_dir
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, **options) -> Path:
+    """Write model + tokenizer in the published layout (see `qwen_align.checkpoints.published.save_checkpoint`)."""
+    return published.save_checkpoint(model, tokenizer, out_dir, **options)
