@@ -109,7 +109,7 @@ def _published_config(config: Qwen2Config, eos_id: int, bos_id: int) -> dict:
         "eos_token_id": eos_id,
         "hidden_act": "silu",
         "hidden_size": config.hidden_size,
-        "initializer_range": 0.02,
+        "initializer_range": config.initializer_range,
         "intermediate_size": config.intermediate_size,
         "max_position_embeddings": config.max_position_embeddings,
         "max_window_layers": config.num_hidden_layers,
