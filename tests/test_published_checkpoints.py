@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from qwen_align import cli
 from qwen_align.checkpoints import published
-from qwen_align.errors import DataError, RecipeError
+from qwen_align.errors import DataError, RecipeError, UserError
 from qwen_align.recipe import load_recipe
 from qwen_align.runner import run_recipe
 from qwen_align.tokenizer import QWEN_CHAT_TEMPLATE
@@ -119,6 +119,8 @@ def test_loading_picks_training_and_published_templates(instruct_dir, base_dir, 
     base = published.load_tokenizer(base_dir)
     assert base.chat_template == QWEN25_BASE_TEMPLATE and base.eos_token == "<|endoftext|>"
     assert mask_mode(base) == "prefix"
+    with pytest.raises(UserError, match="assistant_mask: markers"):
+        mask_mode(base, "markers")
     forced = published.load_tokenizer(base_dir, "qwen2.5")
     assert forced.chat_template == QWEN_CHAT_TEMPLATE and forced.published_chat_template == published.qwen_plain_template()
     jinja = tmp_path / "t.jinja"

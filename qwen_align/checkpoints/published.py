@@ -195,7 +195,7 @@ def rope_parameters(scaling: dict[str, Any], rope_theta: float) -> dict[str, Any
 
 # --- writing -----------------------------------------------------------------------------------
 
-DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def _published_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
