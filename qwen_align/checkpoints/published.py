@@ -249,15 +249,21 @@ def _write_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, chat_templat
     (out / "chat_template.jinja").unlink(missing_ok=True)
     config_path = out / "tokenizer_config.json"
     config = read_json(config_path)
-    for noise in ("is_local", "local_files_only", "published_chat_template"):
+    for noise in ("is_local", "local_files_only", "published_chat_template", "backend"):
         config.pop(noise, None)
     if chat_template:
         config["chat_template"] = chat_template
     else:
         config.pop("chat_template", None)
-    if "extra_special_tokens" in config and isinstance(config["extra_special_tokens"], list):
-        config["additional_special_tokens"] = config["extra_special_tokens"]  # transformers 4's name
-    atomic_write_json(config_path, config)
+    if isinstance(config.get("extra_special_tokens"), list):
+        # The published name; transformers 4 reads `extra_special_tokens` as a dict and would fail on a list.
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    config["added_tokens_decoder"] = {
+        str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                 "single_word": t.single_word, "special": t.special}
+        for i, t in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    atomic_write_json(config_path, dict(sorted(config.items())))
     backend = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
     bpe = backend.get("model") or {}
     if bpe.get("type") == "BPE":
