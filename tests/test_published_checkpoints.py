@@ -61,8 +61,11 @@ def assert_portable_checkpoint(out: Path, input_template: str, tokenizer, model_
     assert {"config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
             "model.safetensors.index.json"} <= names
     assert "chat_template.jinja" not in names
-    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    template = tokenizer_config["chat_template"]
     assert template == input_template
+    assert "<|im_start|>" in tokenizer_config["additional_special_tokens"]  # the published name
+    assert not isinstance(tokenizer_config.get("extra_special_tokens", {}), list)  # transformers 4 wants a dict
     for messages, tools in CONVERSATIONS[:4]:
         assert _plain_render(template, messages, tools) == _plain_render(input_template, messages, tools)
     index = json.loads((out / "model.safetensors.index.json").read_text())
