@@ -234,6 +234,7 @@ def test_writer_dtype_and_shard_size(instruct_dir, tmp_path):
     out = published.save_checkpoint(model, tok, tmp_path / "bf16", out_dtype="bfloat16", max_shard_size="60KB")
     weights = _weights(out)
     assert {t.dtype for t in weights.values()} == {torch.bfloat16} and len(list(out.glob("*.safetensors"))) >= 4
+    assert model.dtype == torch.float32  # the cast is of what is written, not of the trained model
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     for name, tensor in reloaded.state_dict().items():

@@ -296,23 +296,26 @@ def save_checkpoint(
         model = model.merge_and_unload()
     if isinstance(out_dtype, str):
         out_dtype = getattr(torch, out_dtype)
+    state_dict = None  # the model's own weights, unless they are cast; the model itself stays as trained
     if out_dtype is not None and model.dtype != out_dtype:
-        model = model.to(out_dtype)
+        state_dict = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    disk_dtype = out_dtype or model.dtype
     source_path = Path(source) if source is not None and is_checkpoint(source) else None
     if max_shard_size is None and source_path is not None:
         biggest = largest_shard_bytes(source_path)
         in_dtype = checkpoint_dtype(source_path)
         if biggest:
-            ratio = model.dtype.itemsize / getattr(torch, in_dtype).itemsize if in_dtype in DTYPE_NAMES else 1
+            ratio = disk_dtype.itemsize / getattr(torch, in_dtype).itemsize if in_dtype in DTYPE_NAMES else 1
             max_shard_size = int(biggest * ratio)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
     if model.can_generate():
         model.generation_config = _generation_config(model, tokenizer, source_path)
     template = chat_template if chat_template is not None else published_template_of(tokenizer)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, **kwargs)
         config_path = tmp / "config.json"
-        atomic_write_json(config_path, _published_config(read_json(config_path), tokenizer))
+        config = {**read_json(config_path), "dtype": str(disk_dtype).removeprefix("torch.")}
+        atomic_write_json(config_path, _published_config(config, tokenizer))
         _write_tokenizer(tokenizer, tmp, template)
     return out_dir
 
