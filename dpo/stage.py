@@ -20,7 +20,6 @@ from qwen_align import lora
 from qwen_align.callbacks import training_callbacks
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
-from qwen_align.model import load_model
 from qwen_align.stage import (
     StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
 )
@@ -94,8 +93,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     ref_model = None
     # With LoRA the reference is the policy with its adapter switched off (TRL, when ref_model is None).
     if not stage.precompute_ref_log_probs and stage.lora is None:
-        ref_model = load_model(context.init_source, "policy", tokenizer=tokenizer, dtype=dtype,
-                               attn_implementation=stage.attn_implementation, seed=context.seed)
+        ref_model = context.load_model(stage, tokenizer, "policy")
     trainer = OnlineMergingDPOTrainer(
         model=policy,
         ref_model=ref_model,

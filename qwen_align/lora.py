@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from . import distributed
+from .checkpoints.published import write_tokenizer
 from .errors import UserError
 from .fsutil import atomic_dir
 
@@ -74,12 +75,15 @@ def quantization_config(quantize: str):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_quantized(cls, path: Path, quantize: str, **kwargs) -> PreTrainedModel:
-    """A checkpoint loaded k-bit on this rank's GPU and prepared for adapter training (base frozen, norms fp32)."""
+def quantized_load_kwargs(quantize: str) -> dict:
+    """`from_pretrained` options that load a checkpoint k-bit on this rank's GPU (QLoRA)."""
+    return {"quantization_config": quantization_config(quantize), "device_map": {"": str(distributed.device())}}
+
+
+def prepare_quantized(model: PreTrainedModel) -> PreTrainedModel:
+    """A k-bit model prepared for adapter training (base frozen, norms fp32)."""
     from peft import prepare_model_for_kbit_training
 
-    model = cls.from_pretrained(path, quantization_config=quantization_config(quantize),
-                                device_map={"": str(distributed.device())}, **kwargs)
     # The Trainer switches on gradient checkpointing itself when the stage asks for it.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -123,16 +127,19 @@ def load_adapter_folder(path: Path, role: str, load_base, tokenizer=None) -> Pre
 
 
 def save_trained(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, options: LoraOptions | None,
-                 base: str, seed: int, writes: bool) -> PreTrainedModel:
+                 base: str, seed: int, writes: bool, layout: dict | None = None) -> PreTrainedModel:
     """Write a trained model as `lora.save` says (only where `writes`: the main rank); every rank gets back a
-    model for evaluation (merged, unless its base is quantized)."""
+    model for evaluation (merged, unless its base is quantized). `layout`: options of the checkpoint writer
+    (`qwen_align.checkpoints.published.save_checkpoint`) for merged output."""
     from accelerate.utils import is_peft_model
 
     from .model import save_checkpoint
 
+    layout = layout or {}
+
     if not is_peft_model(model):
         if writes:
-            save_checkpoint(model, tokenizer, out_dir)
+            save_checkpoint(model, tokenizer, out_dir, **layout)
         return model
     if options is not None and options.save == "adapter":
         if writes:
@@ -140,11 +147,11 @@ def save_trained(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, optio
         return model if _is_quantized(model) else model.merge_and_unload()
     if _is_quantized(model):  # the writer merges into a bf16 copy of the base; evaluation uses the k-bit model
         if writes:
-            save_checkpoint(_merged_on_plain_base(model, tokenizer, base, seed), tokenizer, out_dir)
+            save_checkpoint(_merged_on_plain_base(model, tokenizer, base, seed), tokenizer, out_dir, **layout)
         return model
     merged = model.merge_and_unload()
     if writes:
-        save_checkpoint(merged, tokenizer, out_dir)
+        save_checkpoint(merged, tokenizer, out_dir, **layout)
     return merged
 
 
@@ -155,7 +162,7 @@ def save_adapter(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, base:
     with atomic_dir(out_dir) as tmp:
         # No stage resizes the vocabulary, so the base's embeddings stay with the base.
         model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
-        tokenizer.save_pretrained(tmp)
+        write_tokenizer(tokenizer, Path(tmp))
         (Path(tmp) / BASE_FILE).write_text(json.dumps({"base_model": base, "seed": seed}) + "\n", encoding="utf-8")
     return out_dir
 

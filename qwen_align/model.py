@@ -20,8 +20,8 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
+from .checkpoints import published
 from .errors import UserError
-from .fsutil import atomic_dir
 from .presets import PRESETS, RMS_NORM_EPS, ROPE_THETA, preset_name
 
 log = logging.getLogger(__name__)
@@ -89,14 +89,17 @@ def load_model(
     attn_implementation: str = "auto",
     seed: int = 0,
     quantize: str | None = None,
+    rope_scaling: dict | None = None,
 ) -> PreTrainedModel:
     """A policy (causal LM) or reward model (1-label classifier) from a checkpoint dir or a preset name.
 
     A preset gives a randomly initialised model (tests and the demo); a directory is loaded with
-    `from_pretrained`, an adapter folder (`lora.save: adapter`) as its base with the adapter merged. A reward
-    model loaded from a policy checkpoint gets a fresh scoring head. `quantize` (4bit, 8bit) loads for QLoRA.
+    `from_pretrained` (published layout or ours), an adapter folder (`lora.save: adapter`) as its base with the
+    adapter merged. A reward model loaded from a policy checkpoint gets a fresh scoring head, initialised as
+    transformers does (normal(0, initializer_range)). `quantize` (4bit, 8bit) loads for QLoRA. `rope_scaling`
+    (the recipe's {type, factor, original_max_position_embeddings}) replaces the config's RoPE parameters.
     """
-    from .lora import is_adapter_folder, load_adapter_folder, load_quantized
+    from .lora import is_adapter_folder, load_adapter_folder, prepare_quantized, quantized_load_kwargs
 
     cls = Qwen2ForCausalLM if role == "policy" else Qwen2ForSequenceClassification
     attn = resolve_attn_implementation(attn_implementation)
@@ -105,6 +108,8 @@ def load_model(
     path = Path(source)
     if name is not None and not path.exists():
         config = preset_config(name, tokenizer)
+        if rope_scaling:
+            config.rope_parameters = published.rope_parameters(rope_scaling, ROPE_THETA)
         config._attn_implementation = attn
         if role == "reward":
             config.num_labels = 1
@@ -116,32 +121,28 @@ def load_model(
     elif is_adapter_folder(path):
         def load_base(base, base_role, base_tokenizer, base_seed):
             return load_model(base, base_role, tokenizer=base_tokenizer, dtype=dtype,
-                              attn_implementation=attn_implementation, seed=base_seed)
+                              attn_implementation=attn_implementation, seed=base_seed, rope_scaling=rope_scaling)
 
         model = load_adapter_folder(path, role, load_base, tokenizer)
-    elif not (path / "config.json").is_file():
+    elif not published.is_checkpoint(path):
         raise UserError(f"model '{source}': not a preset ({', '.join(PRESETS)}) nor a checkpoint directory with config.json")
     else:
-        kwargs = {"attn_implementation": attn, "dtype": torch_dtype}
-        if role == "reward":
-            kwargs["num_labels"] = 1
-        model = load_quantized(cls, path, quantize, **kwargs) if quantize else cls.from_pretrained(path, **kwargs)
+        model = published.load_pretrained(path, cls, dtype=torch_dtype, attn_implementation=attn,
+                                          num_labels=1 if role == "reward" else None, rope_scaling=rope_scaling,
+                                          **(quantized_load_kwargs(quantize) if quantize else {}))
+        if quantize:
+            model = prepare_quantized(model)
         quantize = None  # done while loading
     if quantize:  # bitsandbytes quantizes while loading: go through a saved copy of the built/merged model
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            model = load_quantized(cls, Path(tmp), quantize, attn_implementation=attn, dtype=torch_dtype)
+            model = prepare_quantized(cls.from_pretrained(tmp, attn_implementation=attn, dtype=torch_dtype,
+                                                          **quantized_load_kwargs(quantize)))
     if role == "reward" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Write model + tokenizer (with chat template) so `AutoModel*.from_pretrained(out_dir)` works; atomic."""
-    out_dir = Path(out_dir)
-    if hasattr(model, "merge_and_unload"):  # a peft model: ship plain weights every stage can load
-        model = model.merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    return out_dir
+def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, **options) -> Path:
+    """Write model + tokenizer in the published layout (see `qwen_align.checkpoints.published.save_checkpoint`)."""
+    return published.save_checkpoint(model, tokenizer, out_dir, **options)

@@ -27,8 +27,9 @@ PRESETS: dict[str, Preset] = {
     "14b": Preset(5120, 48, 40, 8, 13824, False, 152_064, 131_072),
     "32b": Preset(5120, 64, 40, 8, 27648, False, 152_064, 131_072),
     "72b": Preset(8192, 80, 64, 8, 29568, False, 152_064, 131_072),
-    # Same architecture, small enough to train on a laptop CPU in minutes. vocab_size 0 = size of the tokenizer.
-    "tiny": Preset(128, 4, 4, 2, 512, True, 0, 4096),
+    # Same architecture, small enough to train on a laptop CPU in minutes. vocab_size 0 = size of the tokenizer;
+    # 32,768 positions like the small Qwen2.5 models, so the report's default max_length passes the length check.
+    "tiny": Preset(128, 4, 4, 2, 512, True, 0, 32_768),
 }
 
 ROPE_THETA = 1_000_000.0

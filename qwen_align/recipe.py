@@ -100,6 +100,18 @@ class LoraOptions(Strict):
     )
 
 
+class RopeScaling(Strict):
+    """RoPE scaling written into the model's config (Qwen's published form: `rope_scaling` in config.json)."""
+
+    type: Literal["yarn", "linear", "dynamic"] = Field("yarn", description="Report: YaRN.")
+    factor: float = Field(4.0, gt=1, description="Report: 4 (32,768 -> 131,072 tokens).")
+    original_max_position_embeddings: int = Field(32_768, gt=0, description="The length the model was trained at.")
+
+    @property
+    def max_length(self) -> int:
+        return int(self.factor * self.original_max_position_embeddings)
+
+
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -124,6 +136,17 @@ class StageConfig(Strict):
     )
     gradient_checkpointing: bool = Field(False, description="True trades compute for activation memory.")
     lora: LoraOptions | None = Field(None, description="Train LoRA/QLoRA adapters (peft) on a frozen base (see `lora`).")
+    chat_template: str = Field(
+        "auto", description="`auto`: the start checkpoint's template (Qwen2.5's when it has none); `qwen2.5`; or a "
+        ".jinja file. The output checkpoint carries it as plain Jinja."
+    )
+    rope_scaling: RopeScaling | None = Field(
+        None, description="Long context (see `rope_scaling`); lands in the output config. Report: YaRN x4 over 32,768."
+    )
+    max_shard_size: int | str | None = Field(
+        None, description="Output safetensors shard limit (bytes or e.g. \"5GB\"); default: like the start "
+        "checkpoint's largest shard, else transformers' default."
+    )
     # Training options (transformers.TrainingArguments names)
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the data.")
@@ -342,6 +365,7 @@ def validate_recipe(raw: dict, source: str, lines: dict[tuple, int] | None = Non
     _check_chain(recipe, lines, base_dir)
     _check_stages_against_recipe(recipe, lines)
     _resolve_paths(recipe, base_dir)
+    _check_context_lengths(recipe, lines)
     return recipe
 
 
@@ -402,6 +426,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
                 data.system_prompts = fix(data.system_prompts)
         if stage.task_eval:
             stage.task_eval.path = fix(stage.task_eval.path)
+        if stage.chat_template not in ("auto", "qwen2.5"):
+            stage.chat_template = fix(stage.chat_template)
         stage.resolve_paths(fix, {s.name for s in recipe.stages})
 
 
@@ -423,6 +449,42 @@ def _check_chain(recipe: Recipe, lines: dict[tuple, int], base_dir: Path) -> Non
                     where = ("stages", i, key, "sources", j, "stage")
                     raise _error_line(recipe.source, where, lines, f"{src.stage!r} {why}; name an earlier stage")
         seen.add(stage.name)
+
+
+def _start_limit(source: str) -> tuple[int | None, str]:
+    """The longest sequence the model at `source` (preset or checkpoint folder) attends, read from config only."""
+    from .checkpoints.published import context_limit
+    from .presets import PRESETS, preset_name
+
+    name = preset_name(source)
+    if name is not None and not Path(source).exists():
+        return PRESETS[name].max_position_embeddings, f"preset '{name}'"
+    config_path = Path(source) / "config.json"
+    if not config_path.is_file():
+        return None, source
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{config_path}: cannot read ({e})") from None
+    return context_limit(config), str(config_path)
+
+
+def _check_context_lengths(recipe: Recipe, lines: dict[tuple, int]) -> None:
+    """A stage's `max_length` beyond what its model can attend stops here, before any stage runs."""
+    limits: dict[str, tuple[int | None, str]] = {}
+    for i, stage in enumerate(recipe.stages):
+        if stage.init_from in limits:
+            limit, origin = limits[stage.init_from]
+        else:
+            limit, origin = _start_limit(stage.init_from or recipe.model)
+        if stage.rope_scaling is not None:
+            limit, origin = stage.rope_scaling.max_length, "rope_scaling"
+        limits[stage.name] = (limit, origin)
+        max_length = getattr(stage, "max_length", None)
+        if limit and isinstance(max_length, int) and max_length > limit:
+            raise _error_line(recipe.source, ("stages", i, "max_length"), lines,
+                              f"{max_length} is beyond the {limit} positions the model attends ({origin}); lower it "
+                              "or set `rope_scaling`")
 
 
 def upstream_stages(recipe: Recipe, stage: StageConfig) -> list[str]:

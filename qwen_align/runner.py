@@ -163,6 +163,7 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
         stage_hashes=dict(hashes),
     )
     stage = _with_stage_sources(stage, context)
+    context.stage_config = stage
     module = registry.stage_module(stage.kind)
     print(f"[{stage.name}] {stage.kind} from {context.init_source}" + (f", resuming {resume}" if resume else ""))
     manifest.update(

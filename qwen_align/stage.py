@@ -35,6 +35,7 @@ class StageContext:
     is_main_process: bool = True
     manifest: dict[str, Any] = field(default_factory=dict)  # the run's manifest as the stage starts
     stage_hashes: dict[str, str] = field(default_factory=dict)  # what each earlier stage's config hash is now
+    stage_config: StageConfig | None = None  # the stage being run (its model options: chat template, rope, shards)
 
     @property
     def output_dir(self) -> Path:
@@ -75,24 +76,32 @@ class StageContext:
         return data
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer travels with checkpoints; a preset start takes the recipe's `tokenizer`."""
-        from .tokenizer import load_tokenizer
+        """The tokenizer travels with checkpoints; a preset start takes the recipe's `tokenizer`. Its chat template
+        is the one the stage trains with; the one its output carries rides along (checkpoints.published)."""
+        from .checkpoints.published import load_tokenizer
 
+        option = self.stage_config.chat_template if self.stage_config is not None else "auto"
         init = Path(self.init_source)
         if (init / "tokenizer_config.json").is_file():
-            return load_tokenizer(init)
+            return load_tokenizer(init, option)
         if self.recipe.tokenizer:
-            return load_tokenizer(self.recipe.tokenizer)
+            return load_tokenizer(self.recipe.tokenizer, option)
         raise UserError(f"{self.recipe.source}: tokenizer: required when the model is a preset ('{self.init_source}')")
 
-    def load_policy(self, stage: StageConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    def load_model(self, stage: StageConfig, tokenizer: PreTrainedTokenizerBase, role: str = "policy",
+                   source: str | None = None) -> PreTrainedModel:
+        """The stage's model (policy or reward) from `source` (default: its start), with its model options."""
         from .model import load_model
 
         return load_model(
-            self.init_source, "policy", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+            source or self.init_source, role, tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
             attn_implementation=stage.attn_implementation, seed=self.seed,
             quantize=stage.lora.quantize if stage.lora else None,
+            rope_scaling=stage.rope_scaling.model_dump() if stage.rope_scaling else None,
         )
+
+    def load_policy(self, stage: StageConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+        return self.load_model(stage, tokenizer, "policy")
 
     def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
         """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none."""
@@ -159,13 +168,20 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
 
 
 def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: StageContext,
-                       lora: LoraOptions | None = None) -> PreTrainedModel:
+                       lora: LoraOptions | None = None, out_dtype: str | None = None) -> PreTrainedModel:
     """The trained model (unwrapped) written as the stage's output by the main process, merged or as an
-    adapter folder as `lora.save` says; returns the model to evaluate."""
+    adapter folder as `lora.save` says, in the published layout: sharded like the start checkpoint, with its
+    chat template, in `out_dtype` (default: the stage's dtype); returns the model to evaluate."""
     from .lora import save_trained
 
+    stage = context.stage_config
+    if out_dtype is None and stage is not None:
+        out_dtype = resolve_stage_dtype(stage.dtype)
+    layout = {"out_dtype": out_dtype, "source": context.init_source,
+              "max_shard_size": stage.max_shard_size if stage is not None else None}
     model = save_trained(trainer.accelerator.unwrap_model(trainer.model), tokenizer, context.output_dir, lora,
-                         base=context.init_source, seed=context.seed, writes=trainer.accelerator.is_main_process)
+                         base=context.init_source, seed=context.seed, writes=trainer.accelerator.is_main_process,
+                         layout=layout)
     trainer.accelerator.wait_for_everyone()
     return model
 

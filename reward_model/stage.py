@@ -13,10 +13,9 @@ from qwen_align import lora
 from qwen_align.callbacks import training_callbacks
 from qwen_align.checkpoints.resume import atomic_checkpoints
 from qwen_align.data import load_training_rows
-from qwen_align.model import load_model
 from qwen_align.rm_eval.scorer import score_items
 from qwen_align.stage import (
-    StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
+    StageContext, StageResult, save_trained_model, train_metrics, trainer_arguments,
 )
 
 from .config import Config
@@ -64,9 +63,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
           f"{lengths.truncated}, dropped for length {lengths.dropped_for_length}, bad rows skipped "
           f"{data_report['bad_rows_skipped']})")
 
-    model = load_model(context.init_source, "reward", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
-                       attn_implementation=stage.attn_implementation, seed=context.seed,
-                       quantize=stage.lora.quantize if stage.lora else None)
+    model = context.load_model(stage, tokenizer, "reward")
     model.config.pad_token_id = tokenizer.pad_token_id
     trainer = atomic_checkpoints(RewardTrainer)(
         model=model, args=training_args(stage, context), train_dataset=dataset, processing_class=tokenizer,

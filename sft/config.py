@@ -27,6 +27,10 @@ class Config(StageConfig):
     )
     packing: bool = Field(True, description="Pack examples into max_length sequences (best-fit, padding-free).")
     assistant_only_loss: bool = Field(True, description="Loss on assistant turns only (incl. <|im_end|>).")
+    assistant_mask: Literal["auto", "markers", "prefix"] = Field(
+        "auto", description="How the assistant tokens are found: the template's {% generation %} markers, or prefix "
+        "renders (what rendering each assistant turn adds; checked per row); `auto`: markers when the template has them."
+    )
     fused_loss: bool = Field(
         True, description="Chunked fused linear+cross-entropy: never builds the [tokens, vocab] logits."
     )

@@ -37,12 +37,13 @@ def run(stage: Config, context: StageContext) -> StageResult:
     tokenizer = context.tokenizer()
     rows, data_report = load_training_rows(stage.data, context.seed)
     dataset, lengths = tokenize_conversations(
-        rows, tokenizer, stage.max_length, stage.on_long, stage.assistant_only_loss, stage.dataset_num_proc
+        rows, tokenizer, stage.max_length, stage.on_long, stage.assistant_only_loss, stage.dataset_num_proc,
+        stage.assistant_mask,
     )
     print(
         f"[{stage.name}] {lengths.examples_out} examples, {lengths.tokens} tokens "
         f"(truncated {lengths.truncated}, dropped for length {lengths.dropped_for_length}, "
-        f"no target left {lengths.dropped_no_target}, bad rows skipped {data_report['bad_rows_skipped']})"
+        f"no target left {lengths.dropped_no_target}, no prefix mask {lengths.dropped_no_prefix}, bad rows skipped {data_report['bad_rows_skipped']})"
     )
     model = context.load_policy(stage, tokenizer)
     attn = model.config._attn_implementation
