@@ -168,6 +168,7 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
     )
     with _stage_log(run_dir / "logs" / f"{stage.name}.log"):
         try:
+            context.check_task_eval(stage)  # before any compute: a bad held-out row must not wait for training
             result: StageResult = module.run(stage, context)
         except KeyboardInterrupt:
             manifest.update(stage.name, status="interrupted", finished_at=_now())
