@@ -3,11 +3,12 @@
 run_dir/
   manifest.json     per stage: status, output, metrics, config hash, library versions (written atomically)
   metrics.jsonl     every logged training record, tagged with its stage
+  fingerprints.json cache of input files' sha256 by (path, size, mtime_ns), for the config hashes
   logs/<stage>.log  the stage's log
   <stage>/final     the stage's output checkpoint; <stage>/checkpoints holds trainer checkpoints for resuming
 
-A completed stage whose config hash (its options + its upstream's hash) is unchanged is skipped; an
-interrupted one resumes from its last trainer checkpoint; a changed one starts over.
+A completed stage whose config hash (its options, the contents of its input files, its upstream's hash) is
+unchanged is skipped; an interrupted one resumes from its last trainer checkpoint; a changed one starts over.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from . import distributed, registry
 from .errors import RecipeError, UserError
+from .fingerprint import Fingerprints
 from .fsutil import atomic_write_json
 from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
 from .stage import StageContext, StageResult
@@ -87,9 +89,12 @@ def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None 
     selected = {s.name for s in select_stages(recipe, until, only)}
 
     hashes: dict[str, str] = {}
+    prints = Fingerprints(run_dir)  # input files by content, cached per (path, size, mtime) in the run dir
     for stage in recipe.stages:
         upstream = ",".join(hashes.get(name, name) for name in upstream_stages(recipe, stage)) or None
-        hashes[stage.name] = stage_hash(recipe, stage, upstream)
+        hashes[stage.name] = stage_hash(recipe, stage, upstream, prints)
+    prints.save()
+    for stage in recipe.stages:
         if stage.name not in selected:
             continue
         entry = manifest.entry(stage.name) or {}
