@@ -422,8 +422,10 @@ def _check_chain(recipe: Recipe, lines: dict[tuple, int], base_dir: Path) -> Non
 
 
 def upstream_stages(recipe: Recipe, stage: StageConfig) -> list[str]:
-    """Names of the stages whose outputs this stage reads: `init_from`, data sources' `stage`, and the kind's own."""
-    names = [stage.init_from] if stage.init_from else []
+    """Names of the stages whose outputs this stage reads: `init_from`, data sources' `stage`, and the kind's own.
+    Paths are not stages: they enter the stage's hash by their fingerprint."""
+    stage_names = {s.name for s in recipe.stages}
+    names = [stage.init_from] if stage.init_from in stage_names else []
     names += [src.stage for data in stage.data_fields().values() for src in data.sources if src.stage]
     names += stage.referenced_stages(recipe)
     return list(dict.fromkeys(names))

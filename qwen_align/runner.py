@@ -82,18 +82,25 @@ def select_stages(recipe: Recipe, until: str | None, only: list[str] | None) -> 
     return list(recipe.stages)
 
 
+def config_hashes(recipe: Recipe, run_dir: Path | None = None) -> dict[str, str]:
+    """Each stage's config hash: its options, its inputs' contents and its upstream stages' hashes. File digests
+    are cached in `run_dir` (None: not cached)."""
+    hashes: dict[str, str] = {}
+    prints = Fingerprints(run_dir)
+    for stage in recipe.stages:
+        upstream = ",".join(hashes[name] for name in upstream_stages(recipe, stage)) or None
+        hashes[stage.name] = stage_hash(recipe, stage, upstream, prints)
+    prints.save()
+    return hashes
+
+
 def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(recipe.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, recipe)
     selected = {s.name for s in select_stages(recipe, until, only)}
 
-    hashes: dict[str, str] = {}
-    prints = Fingerprints(run_dir)  # input files by content, cached per (path, size, mtime) in the run dir
-    for stage in recipe.stages:
-        upstream = ",".join(hashes.get(name, name) for name in upstream_stages(recipe, stage)) or None
-        hashes[stage.name] = stage_hash(recipe, stage, upstream, prints)
-    prints.save()
+    hashes = config_hashes(recipe, run_dir)
     for stage in recipe.stages:
         if stage.name not in selected:
             continue
