@@ -35,7 +35,7 @@ class StageContext:
     is_main_process: bool = True
     manifest: dict[str, Any] = field(default_factory=dict)  # the run's manifest as the stage starts
     stage_hashes: dict[str, str] = field(default_factory=dict)  # what each earlier stage's config hash is now
-    _task_eval_rows: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _task_eval_rows: list[dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     @property
     def output_dir(self) -> Path:
