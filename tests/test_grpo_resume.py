@@ -143,19 +143,21 @@ def test_kill9_resume_matches_an_uninterrupted_run(tmp_path, demo_tokenizer_dir)
     reference = start(write_recipe(tmp_path, demo_tokenizer_dir, ref_dir), ref_log)  # alongside, on the other core
     recipe = write_recipe(tmp_path, demo_tokenizer_dir, run_dir)
     proc = start(recipe, run_log)
-    first = run_dir / "grpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    # A seeded moment after a checkpoint in the middle of a pass (6 steps each; a pass boundary re-ranks anyway):
+    # right after checkpoint-N is complete, outside any checkpoint write (a torn checkpoint is the atomic
+    # checkpoint writer's case, not this test's).
+    target = random.Random(12).choice([4, 8, 10])
+    done = run_dir / "grpo" / "checkpoints" / f"checkpoint-{target}" / "trainer_state.json"
     deadline = time.monotonic() + 600
-    while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.Random(12).uniform(0.0, 1.5))  # a seeded moment after the first checkpoint
-    # ... outside a checkpoint write: a torn checkpoint is the atomic checkpoint writer's case, not this test's.
-    while any(not (c / "trainer_state.json").is_file() for c in first.parent.parent.glob("checkpoint-*")):
+    while not done.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    while any(not (c / "trainer_state.json").is_file() for c in done.parent.parent.glob("checkpoint-*")):
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed:\n" + run_log.read_text()[-2000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "grpo" / "final").exists()
-    assert (first.parent / "ordering_state.json").is_file()
+    assert (done.parent / "ordering_state.json").is_file()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["grpo"]["status"] == "running"  # killed: nothing marked it
 
@@ -165,7 +167,7 @@ def test_kill9_resume_matches_an_uninterrupted_run(tmp_path, demo_tokenizer_dir)
     assert "resuming" in text and "ordering restored from" in text, text[-3000:]
     assert "ordering round 0 (initial)" not in text.split("ordering restored from")[1]
     entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["grpo"]
-    assert entry["status"] == "completed" and entry["resumed_from"]
+    assert entry["status"] == "completed" and entry["resumed_from"].endswith(f"checkpoint-{target}")
     assert entry["metrics"]["train_steps"] == 14
 
     ref_order = consumed(ref_dir, 14)
