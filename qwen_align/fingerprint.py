@@ -36,10 +36,9 @@ def sha256_file(path: Path) -> str:
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    return sorted(
-        (p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    visible = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return sorted(visible, key=lambda p: p.relative_to(folder).as_posix())
 
 
 class Fingerprints:
