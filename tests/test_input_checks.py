@@ -26,9 +26,11 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad row was found")
 
-    monkeypatch.setattr("qwen_align.model.load_model", refuse)
-    for module in ("dpo.stage", "grpo.stage", "reward_model.stage", "dpo.rejection_review"):
-        monkeypatch.setattr(importlib.import_module(module).__name__ + ".load_model", refuse)
+    # Import first: a module imported while the patch is on would keep `refuse` after the test.
+    modules = [importlib.import_module(m) for m in ("dpo.stage", "grpo.stage", "reward_model.stage",
+                                                     "dpo.rejection_review", "qwen_align.model")]
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 def _run(tmp_path, demo_tokenizer_dir, stage: dict):
