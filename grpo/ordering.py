@@ -80,6 +80,11 @@ class OrderingSchedule:
         self.epoch = -1
         self.chunks_done = 0
         self.last_round_chunk = 0
+        # Where the current pass stands: chunks handed out, chunks consumed, low-variance queries re-scored.
+        self.pass_yielded = 0
+        self.pass_consumed = 0
+        self.rescored: set[int] = set()
+        self._resuming = False  # the next `chunks()` continues a restored pass instead of starting one
 
     @property
     def num_chunks(self) -> int:
@@ -139,27 +144,74 @@ class OrderingSchedule:
     # ------------------------------------------------------------ passes
 
     def chunks(self) -> Iterator[list[int]]:
-        """One pass: `num_chunks` generation batches of query ids, re-ranked when a round is due."""
+        """One pass: `num_chunks` generation batches of query ids, re-ranked when a round is due.
+
+        After `load_state_dict` the first call continues the saved pass: the chunks handed out before the save
+        come again from the saved ranking, without scoring (the Trainer iterates its sampler from the start and
+        skips the batches it trained on), and the rest follows as it would have.
+        """
+        if self._resuming and self.pass_consumed < self.num_chunks:
+            self._resuming = False
+            replay = self.pass_yielded
+        else:
+            self._resuming = False
+            self._start_pass()
+            replay = 0
+        size = self.queries_per_chunk
+        for k in range(self.num_chunks):
+            pos = k * size
+            if k >= replay:
+                self._before_chunk(pos)
+                self.pass_yielded = k + 1
+            yield self.ranking[pos : pos + size]
+            if k >= self.pass_consumed:
+                self.chunks_done += 1
+                self.pass_consumed = k + 1
+
+    def _start_pass(self) -> None:
         self.epoch += 1
+        self.pass_yielded = self.pass_consumed = 0
+        self.rescored = set()
         if not self.rounds:
             self.initial_round()
         elif self.epoch > 0 and self.reorder_each_epoch:
             self.ranking = []
             self._round(list(self.active), start=0, reason="epoch")
-        rescored: set[int] = set()
-        size = self.queries_per_chunk
-        for k in range(self.num_chunks):
-            pos = k * size
-            if self._due():
-                self._round(self.ranking[pos:], start=pos, reason="every_steps")
-            if self.policy == "rescore":
-                stale = [q for q in self.ranking[pos : pos + size] if q in self.low and q not in rescored]
-                if stale:
-                    rest_low = [q for q in self.ranking[pos:] if q in self.low and q not in rescored]
-                    rescored |= set(rest_low)
-                    self._rescore(pos, rest_low)
-            yield self.ranking[pos : pos + size]
-            self.chunks_done += 1
+
+    def _before_chunk(self, pos: int) -> None:
+        """Rounds due before the chunk at `pos` is handed out."""
+        if self._due():
+            self._round(self.ranking[pos:], start=pos, reason="every_steps")
+        if self.policy == "rescore":
+            size = self.queries_per_chunk
+            stale = [q for q in self.ranking[pos : pos + size] if q in self.low and q not in self.rescored]
+            if stale:
+                rest_low = [q for q in self.ranking[pos:] if q in self.low and q not in self.rescored]
+                self.rescored |= set(rest_low)
+                self._rescore(pos, rest_low)
+
+    # ------------------------------------------------------------ resume
+
+    STATE_FIELDS = ("active", "ranking", "rounds", "seconds", "epoch", "chunks_done", "last_round_chunk",
+                    "pass_yielded", "pass_consumed")
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to consume what this one would have (JSON-serialisable)."""
+        return {
+            "num_queries": self.num_queries, "queries_per_chunk": self.queries_per_chunk,
+            **{name: getattr(self, name) for name in self.STATE_FIELDS},
+            "low": sorted(self.low), "rescored": sorted(self.rescored),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("num_queries", "queries_per_chunk"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"ordering state is for {key}={state[key]}, this stage has {getattr(self, key)}")
+        for name in self.STATE_FIELDS:
+            setattr(self, name, state[name])
+        self.low, self.rescored = set(state["low"]), set(state["rescored"])
+        self._resuming = True
+        self._save()  # ordering.json again holds only the rounds of the run being continued
 
     def _due(self) -> bool:
         n = self.reorder_every_chunks

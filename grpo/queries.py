@@ -1,5 +1,7 @@
 """The GRPO query set: the stage's prompt rows, or by default the reward-model stage's prompts.
 
+Every row is checked before any compute: its prompt, and for a row that names a verifier, the fields that
+verifier needs (`qwen_align.verifiers.row_problem`), so a bad row stops the stage at load with its file:line.
 Each query becomes a row `{"prompt": messages, "verifier_row": JSON of its verifier fields or "", "query_id": i}`;
 the verifier fields travel as one JSON column because rows with different verifiers have different fields.
 """
@@ -38,7 +40,7 @@ def _pair_prompt(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def load_queries(stage, context) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if stage.data is not None:
-        rows, report = load_training_rows(stage.data, context.seed, kind="prompt")
+        rows, report = load_training_rows(stage.data, context.seed, kind="prompt", check_verifier=True)
         prompts = [(r["messages"], _verifier_fields(r)) for r in rows]
         report["query_source"] = "data"
     else:
@@ -46,7 +48,8 @@ def load_queries(stage, context) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if rm is None or rm.data is None:
             raise UserError(f"stage '{stage.name}': no query set; give it `data` (prompt rows), or give the "
                             f"reward_model stage{' ' + repr(rm.name) if rm else ''} `data` to share its prompts")
-        rows, report = load_training_rows(context.resolve_data(rm.data), context.seed, kind="preference")
+        rows, report = load_training_rows(context.resolve_data(rm.data), context.seed, kind="preference",
+                                          check_verifier=True)
         prompts = [(_pair_prompt(r), _verifier_fields(r)) for r in rows]
         report["query_source"] = f"stage {rm.name} (prompts of its preference pairs)"
     queries, seen = [], set()

@@ -27,4 +27,5 @@ class OrderedRepeatSampler(Sampler):
 
     def __len__(self) -> int:
         s = self.schedule
+        s.initial_round()  # with `drop` the pass is shorter; its length is known only after the first round
         return s.num_chunks * s.queries_per_chunk * self.mini_repeat_count * self.repeat_count

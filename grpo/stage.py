@@ -20,7 +20,7 @@ from .config import Config
 from .ordering import OrderingSchedule
 from .queries import load_queries, reward_model_stage
 from .rewards import RewardModelReward, VerifierReward
-from .trainer import OrderedGRPOTrainer, QueryScorer
+from .trainer import OrderedGRPOTrainer, QueryScorer, load_ordering_state
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
             queries, tokenizer, reward_funcs, [r.weight for r in stage.rewards],
             SamplingParams(max_new_tokens=stage.max_completion_length, temperature=stage.temperature,
                            top_p=stage.top_p, num_return_sequences=stage.ordering_samples or stage.num_generations),
-            batch_size=stage.ordering_batch_size,
+            batch_size=stage.ordering_batch_size, seed=context.seed,
         )
 
         def on_round(summary):
@@ -103,6 +103,20 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
     return trainer, schedule
 
 
+def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str) -> None:
+    """A fresh run ranks the queries now; a resumed one takes the schedule saved in its checkpoint."""
+    state = load_ordering_state(context.resume_checkpoint) if context.resume_checkpoint else None
+    if state is not None:
+        schedule.load_state_dict(state)
+        print(f"[{name}] ordering restored from {context.resume_checkpoint} (epoch {schedule.epoch}, "
+              f"{schedule.chunks_done} generation batches consumed, {len(schedule.rounds)} round(s))")
+        return
+    if context.resume_checkpoint:
+        log.warning("%s holds no ordering state; ranking the queries again with the resumed weights",
+                    context.resume_checkpoint)
+    schedule.initial_round()
+
+
 def run(stage: Config, context: StageContext) -> StageResult:
     from accelerate import PartialState
 
@@ -122,8 +136,8 @@ def run(stage: Config, context: StageContext) -> StageResult:
     reward_funcs = build_rewards(stage, context, tokenizer, PartialState().device)
     trainer, schedule = make_trainer(stage, context, model, tokenizer, queries, reward_funcs,
                                      callbacks=training_callbacks(stage, context))
-    if schedule is not None and context.resume_checkpoint is None:
-        schedule.initial_round()
+    if schedule is not None:
+        start_schedule(schedule, context, stage.name)
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     model = save_trained_model(trainer, tokenizer, context, stage.lora)
 

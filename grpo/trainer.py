@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+from dataclasses import replace
 
 import torch
 from trl import GRPOTrainer
 
 from qwen_align.checkpoints.resume import AtomicCheckpoints
+from qwen_align.fsutil import atomic_write_json
 from qwen_align.generation import SamplingParams, generate
 
 from .ordering import OrderingSchedule, QueryScore, score_of
@@ -15,8 +20,15 @@ from .rewards import combined
 from .sampler import OrderedRepeatSampler
 
 
+ORDERING_STATE_FILE = "ordering_state.json"
+
+
 class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
-    """`schedule` set: the train sampler follows it (no shuffle); None: TRL's shuffled RepeatSampler."""
+    """`schedule` set: the train sampler follows it (no shuffle); None: TRL's shuffled RepeatSampler.
+
+    Each trainer checkpoint holds the schedule's state (`ordering_state.json`), written while the checkpoint
+    is written, so a resumed run consumes the queries in the order the interrupted one would have.
+    """
 
     def __init__(self, *args, schedule: OrderingSchedule | None = None, **kwargs):
         self.schedule = schedule
@@ -31,18 +43,34 @@ class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             repeat_count=self.num_iterations * self.args.steps_per_generation,
         )
 
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.schedule is not None and self.args.should_save:
+            atomic_write_json(os.path.join(output_dir, ORDERING_STATE_FILE), self.schedule.state_dict())
+
+
+def load_ordering_state(checkpoint: str) -> dict | None:
+    """The schedule state saved in a trainer checkpoint, or None (a checkpoint from before it was saved)."""
+    path = os.path.join(checkpoint, ORDERING_STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
 
 class QueryScorer:
     """Samples k responses per query with the trainer's current policy and scores them with the stage's
     rewards. Across processes each scores a share of the queries and all get every score."""
 
-    def __init__(self, queries, tokenizer, reward_funcs, weights, params: SamplingParams, batch_size: int = 64):
+    def __init__(self, queries, tokenizer, reward_funcs, weights, params: SamplingParams, batch_size: int = 64,
+                 seed: int = 0):
         self.queries = queries  # dataset rows (prompt, verifier_row, query_id)
         self.tokenizer = tokenizer
         self.reward_funcs = reward_funcs
         self.weights = weights
         self.params = params
         self.batch_size = batch_size
+        self.seed = seed
         self.trainer = None
         self.last_reward_stats: dict[str, float] = {}
 
@@ -68,13 +96,21 @@ class QueryScorer:
         where = {q: i for i, q in enumerate(query_ids)}
         return sorted(scores, key=lambda s: where[s.query_id])
 
+    def _round_seed(self, query_ids: list[int]) -> int:
+        key = json.dumps([self.seed, self.trainer.state.global_step, query_ids])
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+
     def _score(self, query_ids: list[int]) -> tuple[list[QueryScore], dict[str, list]]:
         if not query_ids:
             return [], {f.__name__: [] for f in self.reward_funcs}
         rows = [self.queries[i] for i in query_ids]
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        responses = generate(model, self.tokenizer, [r["prompt"] for r in rows], self.params,
-                             batch_size=self.batch_size, desc="ordering pass")
+        # A round samples from its own seed and leaves the global RNG as it was: training's sampling then does
+        # not depend on when rounds happen, and a resumed run (RNG restored from the checkpoint) matches.
+        params = replace(self.params, seed=self._round_seed(query_ids))
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            responses = generate(model, self.tokenizer, [r["prompt"] for r in rows], params,
+                                 batch_size=self.batch_size, desc="ordering pass")
         k = self.params.num_return_sequences
         prompts = [r["prompt"] for r in rows for _ in range(k)]
         completions = [[{"role": "assistant", "content": text}] for group in responses for text in group]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,18 +290,32 @@ def add_system_prompts(rows: list[dict], pool: list[str], probability: float, se
 ROW_KINDS = {"conversation": conversation_problem, "prompt": prompt_problem, "preference": preference_problem}
 
 
+def with_verifier_check(problem_of: Callable[[dict[str, Any]], str | None]) -> Callable[[dict[str, Any]], str | None]:
+    """`problem_of`, and for rows that name a `verifier`, whether that verifier can check them."""
+    from .verifiers import row_problem
+
+    def check(row: dict[str, Any]) -> str | None:
+        return problem_of(row) or (row_problem(row) if row.get("verifier") is not None else None)
+
+    return check
+
+
 def load_training_rows(
-    config, seed: int, need_assistant: bool = True, kind: str = "conversation"
+    config, seed: int, need_assistant: bool = True, kind: str = "conversation", check_verifier: bool = False,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Read, validate and mix a stage's `data` sources (a `recipe.DataConfig`); returns rows and a report.
 
     `kind` picks the row check: `conversation` (SFT), `prompt` (sampling stages) or `preference` (pairs).
+    `check_verifier`: rows that name a verifier must also carry what it needs (stages that verify them).
+    Every row is checked before this returns, so a bad one fails (file:line) before any compute.
     System prompts from the pool are added to conversations and prompts only.
     """
     report = LoadReport()
     problem_of = ROW_KINDS[kind]
     if kind == "conversation":
         problem_of = lambda r: conversation_problem(r, need_assistant)  # noqa: E731
+    if check_verifier:
+        problem_of = with_verifier_check(problem_of)
     per_source = []
     for src in config.sources:
         rows = load_conversations(

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import distributed
-from .data import iter_rows
+from .data import conversation_problem, iter_rows
 from .errors import DataError, UserError
-from .verifiers import verify
+from .verifiers import row_problem, verify
 
 
 @dataclass
@@ -245,15 +245,25 @@ def make_sampler(
     return TransformersSampler(load_model().to(device or distributed.device()), tokenizer, batch_size)
 
 
+def eval_row_problem(row: dict[str, Any]) -> str | None:
+    """Why `row` is not a task-eval row (a conversation whose prompt a verifier can check), or None."""
+    problem = conversation_problem(row, need_assistant=False)
+    if problem is None and not prompt_messages(row):
+        problem = "'messages' holds only the answer; give the prompt before it"
+    return problem or row_problem(row)
+
+
 def load_eval_rows(path: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """The first `limit` rows of `path` (all by default); every row of the file is checked, with its file:line."""
     rows = []
     for row in iter_rows(path):
-        if "messages" not in row.data or "verifier" not in row.data:
-            raise DataError(f"{row.origin}: a task-eval row needs 'messages' (the prompt) and 'verifier'")
+        problem = eval_row_problem(row.data)
+        if problem:
+            raise DataError(f"{row.origin}: {problem} (task_eval row)")
         rows.append(row.data)
-        if limit and len(rows) >= limit:
-            break
-    return rows
+    if not rows:
+        raise DataError(f"{path}: no task_eval rows")
+    return rows[:limit] if limit else rows
 
 
 def task_accuracy(

@@ -407,28 +407,38 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         return p if not resolved.exists() and looks_like_hub_name(p) else str(resolved)
 
     from .data import looks_like_hub_name
+
+    _map_recipe_paths(recipe, fix)
+
+
+def _map_recipe_paths(recipe: Recipe, fn: Callable[[str], str]) -> None:
+    """Replace every input path of the recipe (model, tokenizer, each stage's) by `fn(path)`, in place."""
     from .presets import preset_name
 
     if preset_name(recipe.model) is None:
-        recipe.model = fix(recipe.model)
+        recipe.model = fn(recipe.model)
     if recipe.tokenizer:
-        recipe.tokenizer = fix(recipe.tokenizer)
-    names = set()
+        recipe.tokenizer = fn(recipe.tokenizer)
+    names = {s.name for s in recipe.stages}
     for stage in recipe.stages:
-        if stage.init_from and stage.init_from not in names:
-            stage.init_from = fix(stage.init_from)
-        names.add(stage.name)
-        for data in stage.data_fields().values():
-            for src in data.sources:
-                if src.path is not None and src.stage is None:
-                    src.path = fix(src.path)
-            if isinstance(data.system_prompts, str):
-                data.system_prompts = fix(data.system_prompts)
-        if stage.task_eval:
-            stage.task_eval.path = fix(stage.task_eval.path)
-        if stage.chat_template not in ("auto", "qwen2.5"):
-            stage.chat_template = fix(stage.chat_template)
-        stage.resolve_paths(fix, {s.name for s in recipe.stages})
+        map_stage_paths(stage, fn, names)
+
+
+def map_stage_paths(stage: StageConfig, fn: Callable[[str], str], stage_names: set[str]) -> None:
+    """Replace every input path of `stage` by `fn(path)`, in place; names of stages are left alone."""
+    if stage.init_from and stage.init_from not in stage_names:
+        stage.init_from = fn(stage.init_from)
+    for data in stage.data_fields().values():
+        for src in data.sources:
+            if src.path is not None and src.stage is None:
+                src.path = fn(src.path)
+        if isinstance(data.system_prompts, str):
+            data.system_prompts = fn(data.system_prompts)
+    if stage.task_eval:
+        stage.task_eval.path = fn(stage.task_eval.path)
+    if stage.chat_template not in ("auto", "qwen2.5"):
+        stage.chat_template = fn(stage.chat_template)
+    stage.resolve_paths(fn, stage_names)
 
 
 def _check_chain(recipe: Recipe, lines: dict[tuple, int], base_dir: Path) -> None:
@@ -488,19 +498,35 @@ def _check_context_lengths(recipe: Recipe, lines: dict[tuple, int]) -> None:
 
 
 def upstream_stages(recipe: Recipe, stage: StageConfig) -> list[str]:
-    """Names of the stages whose outputs this stage reads: `init_from`, data sources' `stage`, and the kind's own."""
-    names = [stage.init_from] if stage.init_from else []
+    """Names of the stages whose outputs this stage reads: `init_from`, data sources' `stage`, and the kind's own.
+    Paths are not stages: they enter the stage's hash by their fingerprint."""
+    stage_names = {s.name for s in recipe.stages}
+    names = [stage.init_from] if stage.init_from in stage_names else []
     names += [src.stage for data in stage.data_fields().values() for src in data.sources if src.stage]
     names += stage.referenced_stages(recipe)
     return list(dict.fromkeys(names))
 
 
-def stage_hash(recipe: Recipe, stage: StageConfig, upstream_hash: str | None) -> str:
-    """Identity of a stage's work: its options, what it starts from and reads, the recipe-wide settings."""
+# How often a stage logs and saves does not change what it computes: editing these resumes the stage.
+BOOKKEEPING_OPTIONS = frozenset({"logging_steps", "save_steps", "save_every_minutes", "save_total_limit"})
+
+
+def stage_hash(recipe: Recipe, stage: StageConfig, upstream_hash: str | None, fingerprints=None) -> str:
+    """Identity of a stage's work: its options, what it starts from and reads, the recipe-wide settings.
+
+    Input paths enter by the fingerprint of what they hold (`qwen_align.fingerprint`), not by where they are:
+    a data file edited in place changes the hash, the same file copied elsewhere does not.
+    """
+    from .fingerprint import Fingerprints
+    from .presets import preset_name
+
+    prints = fingerprints or Fingerprints()
+    identity = stage.model_copy(deep=True)
+    map_stage_paths(identity, prints.of, {s.name for s in recipe.stages})
     payload = {
-        "stage": stage.model_dump(mode="json"),
-        "model": recipe.model,
-        "tokenizer": recipe.tokenizer,
+        "stage": identity.model_dump(mode="json", exclude=BOOKKEEPING_OPTIONS),
+        "model": recipe.model if preset_name(recipe.model) else prints.of(recipe.model),
+        "tokenizer": prints.of(recipe.tokenizer) if recipe.tokenizer else None,
         "seed": recipe.seed,
         "upstream": upstream_hash,
     }

@@ -3,11 +3,12 @@
 run_dir/
   manifest.json     per stage: status, output, metrics, config hash, library versions (written atomically)
   metrics.jsonl     every logged training record, tagged with its stage
+  fingerprints.json cache of input files' sha256 by (path, size, mtime_ns), for the config hashes
   logs/<stage>.log  the stage's log
   <stage>/final     the stage's output checkpoint; <stage>/checkpoints holds trainer checkpoints for resuming
 
-A completed stage whose config hash (its options + its upstream's hash) is unchanged is skipped; an
-interrupted one resumes from its last trainer checkpoint; a changed one starts over.
+A completed stage whose config hash (its options, the contents of its input files, its upstream's hash) is
+unchanged is skipped; an interrupted one resumes from its last trainer checkpoint; a changed one starts over.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from . import distributed, registry
 from .errors import Interrupted, RecipeError, UserError
+from .fingerprint import Fingerprints
 from .fsutil import atomic_write_json
 from .recipe import Recipe, StageConfig, stage_hash, upstream_stages
 from .stage import StageContext, StageResult
@@ -83,16 +85,26 @@ def select_stages(recipe: Recipe, until: str | None, only: list[str] | None) -> 
     return list(recipe.stages)
 
 
+def config_hashes(recipe: Recipe, run_dir: Path | None = None) -> dict[str, str]:
+    """Each stage's config hash: its options, its inputs' contents and its upstream stages' hashes. File digests
+    are cached in `run_dir` (None: not cached)."""
+    hashes: dict[str, str] = {}
+    prints = Fingerprints(run_dir)
+    for stage in recipe.stages:
+        upstream = ",".join(hashes[name] for name in upstream_stages(recipe, stage)) or None
+        hashes[stage.name] = stage_hash(recipe, stage, upstream, prints)
+    prints.save()
+    return hashes
+
+
 def run_recipe(recipe: Recipe, until: str | None = None, only: list[str] | None = None) -> dict[str, Any]:
     run_dir = Path(recipe.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir, recipe)
     selected = {s.name for s in select_stages(recipe, until, only)}
 
-    hashes: dict[str, str] = {}
+    hashes = config_hashes(recipe, run_dir)
     for stage in recipe.stages:
-        upstream = ",".join(hashes.get(name, name) for name in upstream_stages(recipe, stage)) or None
-        hashes[stage.name] = stage_hash(recipe, stage, upstream)
         if stage.name not in selected:
             continue
         entry = manifest.entry(stage.name) or {}
@@ -172,6 +184,7 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
     )
     with _stage_log(run_dir / "logs" / f"{stage.name}.log"):
         try:
+            context.check_task_eval(stage)  # before any compute: a bad held-out row must not wait for training
             result: StageResult = module.run(stage, context)
         except Interrupted as e:
             manifest.update(stage.name, status="interrupted", interrupted_at_step=e.step, signal=e.signal_name,

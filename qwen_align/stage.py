@@ -36,6 +36,7 @@ class StageContext:
     manifest: dict[str, Any] = field(default_factory=dict)  # the run's manifest as the stage starts
     stage_hashes: dict[str, str] = field(default_factory=dict)  # what each earlier stage's config hash is now
     stage_config: StageConfig | None = None  # the stage being run (its model options: chat template, rope, shards)
+    _task_eval_rows: list[dict[str, Any]] | None = field(default=None, init=False, repr=False)
 
     @property
     def output_dir(self) -> Path:
@@ -102,14 +103,23 @@ class StageContext:
 
     def load_policy(self, stage: StageConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
         return self.load_model(stage, tokenizer, "policy")
+    def check_task_eval(self, stage: StageConfig) -> list[dict[str, Any]]:
+        """The stage's task_eval rows, every one checked (file:line); the runner calls this before the stage runs."""
+        if stage.task_eval is None:
+            return []
+        if self._task_eval_rows is None:
+            from .generation import load_eval_rows
+
+            self._task_eval_rows = load_eval_rows(stage.task_eval.path, stage.task_eval.limit)
+        return self._task_eval_rows
 
     def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
         """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none."""
         if stage.task_eval is None:
             return {}
-        from .generation import load_eval_rows, task_accuracy
+        from .generation import task_accuracy
 
-        rows = load_eval_rows(stage.task_eval.path, stage.task_eval.limit)
+        rows = self.check_task_eval(stage)
         model.config.use_cache = True
         result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size)
         families = ", ".join(f"{k} {v:.1%}" for k, v in result["by_family"].items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from qwen_align.fsutil import atomic_write_json
@@ -40,8 +41,11 @@ def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
     m = entry["metrics"]
     assert m["train_steps"] == 2 and m["samples_consumed"] == 8
     assert "heldout_accuracy_before" in m and "heldout_accuracy" in m
-    assert m["ordering_rounds"] == 1 and m["ordering_seconds"] >= 0 and "ordering_overhead_pct" in m
     artifact = json.loads((tmp_path / "run" / "grpo" / "ordering.json").read_text())
+    # The round was timed (a rollout takes time), and the manifest reports what the artifact recorded.
+    assert m["ordering_rounds"] == len(artifact["rounds"]) == 1
+    assert m["ordering_seconds"] > 0 and m["ordering_seconds"] == pytest.approx(artifact["ordering_seconds"], abs=0.01)
+    assert m["ordering_overhead_pct"] > 0
     assert sorted(e["query_id"] for e in artifact["rounds"][0]["queries"]) == list(range(8))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/reward_model/mean" in r and "rewards/verifier/std" in r for r in logged)

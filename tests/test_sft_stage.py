@@ -15,8 +15,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qwen_align.errors import DataError, RecipeError
+from qwen_align.generation import SamplingParams, generate
 from qwen_align.recipe import load_recipe
 from qwen_align.runner import run_recipe
+from qwen_align.tokenizer import load_tokenizer
+from qwen_align.verifiers import verify
 from sft.dataset import tokenize_conversations
 
 
@@ -44,11 +47,17 @@ def test_run_skip_and_rerun_on_change(small_sft_recipe, capsys):
     manifest = run_recipe(load_recipe(path))
     entry = manifest["stages"]["sft"]
     assert entry["status"] == "completed" and entry["metrics"]["train_steps"] == 2
-    assert 0.0 <= entry["metrics"]["heldout_accuracy"] <= 1.0
     assert entry["versions"]["transformers"] and entry["config_hash"]
     assert _manifest(raw)["stages"]["sft"]["status"] == "completed"
     model = AutoModelForCausalLM.from_pretrained(entry["output"])
     assert model.config.model_type == "qwen2"
+    # The recorded accuracy is the saved model's: its greedy answers to the held-out prompts, verified here.
+    heldout = [json.loads(line) for line in open(raw["stages"][0]["task_eval"]["path"])]
+    answers = generate(model, load_tokenizer(entry["output"]), [r["messages"] for r in heldout],
+                       SamplingParams(max_new_tokens=raw["stages"][0]["task_eval"]["max_new_tokens"]))
+    passed = [verify(r, a[0]).passed for r, a in zip(heldout, answers)]
+    assert entry["metrics"]["heldout_accuracy"] == sum(passed) / len(passed)
+    assert entry["metrics"]["heldout"]["num_examples"] == len(heldout)
     records = [json.loads(line) for line in open(f"{raw['run_dir']}/metrics.jsonl")]
     assert any(r.get("stage") == "sft" and "loss" in r for r in records)
     assert (path.parent / "run" / "logs" / "sft.log").exists()
@@ -57,8 +66,12 @@ def test_run_skip_and_rerun_on_change(small_sft_recipe, capsys):
     run_recipe(load_recipe(path))
     assert "skipping" in capsys.readouterr().out
 
+    before = AutoModelForCausalLM.from_pretrained(entry["output"]).state_dict()
     changed = run_recipe(load_recipe(path, ["stages.sft.learning_rate=5e-4"]))
     assert changed["stages"]["sft"]["config_hash"] != entry["config_hash"]
+    assert "skipping" not in capsys.readouterr().out
+    after = AutoModelForCausalLM.from_pretrained(changed["stages"]["sft"]["output"]).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained again, with the new rate
 
 
 def test_interrupted_stage_resumes_from_last_checkpoint_to_the_uninterrupted_weights(small_sft_recipe):

@@ -3,48 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-import re
 from typing import Any
 
 from qwen_align.data import iter_rows, load_training_rows, prompt_problem
 from qwen_align.errors import DataError
-from qwen_align.verifiers import CHECKS
+from qwen_align.verifiers import row_problem as verifier_problem
 
 # Fields a verifier reads from its row. They travel with every output row, so a later stage can re-verify.
 VERIFIER_FIELDS = ("answer", "tests", "entry_point", "pattern", "instruction_id_list", "kwargs")
-REQUIRED = {
-    "exact": ("answer",),
-    "regex": ("pattern",),
-    "math": ("answer",),
-    "code": ("tests",),
-    "ifeval": ("instruction_id_list",),
-}
-
-
-def verifier_problem(row: dict[str, Any]) -> str | None:
-    """Why `row` cannot be verified, or None. A verifier module may add its own `row_problem(row)` check."""
-    name = row.get("verifier")
-    if name is None:
-        return f"missing 'verifier' (one of: {', '.join(CHECKS)})"
-    if name not in CHECKS:
-        return f"unknown verifier {name!r} (available: {', '.join(CHECKS)})"
-    missing = [f for f in REQUIRED.get(name, ()) if row.get(f) is None or str(row[f]).strip() == ""]
-    if missing:
-        return f"verifier {name!r} needs the field(s) {', '.join(repr(m) for m in missing)}"
-    if name == "regex":
-        try:
-            re.compile(str(row["pattern"]))
-        except re.error as e:
-            return f"verifier 'regex': pattern {row['pattern']!r} is not a valid regex ({e})"
-    check = CHECKS[name]
-    module = check.split(":")[0] if isinstance(check, str) else check.__module__
-    try:
-        row_check = getattr(importlib.import_module(module), "row_problem", None)
-    except ImportError as e:
-        return f"verifier {name!r} is not available in this installation ({e})"
-    return row_check(row) if row_check else None
 
 
 def _problem(row: dict[str, Any]) -> str | None:

@@ -74,6 +74,45 @@ def get_check(name: Any) -> Check:
     return check
 
 
+# Fields each verifier cannot do without; a verifier module may add a deeper `row_problem(row)` of its own.
+REQUIRED_FIELDS = {
+    "exact": ("answer",),
+    "regex": ("pattern",),
+    "math": ("answer",),
+    "code": ("tests",),
+    "ifeval": ("instruction_id_list",),
+}
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """Why `row` cannot be verified (no or an unknown verifier, a missing field, a module's own check), or None.
+
+    Every stage that verifies rows calls this before any compute, so a bad row fails at load with its file:line.
+    """
+    name = row.get("verifier")
+    if name is None:
+        return f"missing 'verifier' (one of: {', '.join(CHECKS)})"
+    if not isinstance(name, str) or name not in CHECKS:
+        return f"unknown verifier {name!r} (available: {', '.join(CHECKS)})"
+    missing = [f for f in REQUIRED_FIELDS.get(name, ()) if row.get(f) is None or str(row[f]).strip() == ""]
+    if missing:
+        return f"verifier {name!r} needs the field(s) {', '.join(repr(m) for m in missing)}"
+    if name == "regex":
+        try:
+            re.compile(row["pattern"])
+        except (re.error, TypeError) as e:
+            return f"verifier 'regex': bad pattern {row['pattern']!r} ({e})"
+    check = CHECKS[name]
+    module = check.split(":")[0] if isinstance(check, str) else check.__module__
+    if module == __name__:  # exact, regex: checked above
+        return None
+    try:
+        row_check = getattr(importlib.import_module(module), "row_problem", None)
+    except ImportError as e:
+        return f"verifier {name!r} is not available in this installation ({e})"
+    return row_check(row) if row_check else None
+
+
 def _field(example: dict[str, Any], name: str) -> Any:
     if name not in example or example[name] is None:
         raise DataError(f"verifier {example.get('verifier')!r} needs the field '{name}' in the row")
