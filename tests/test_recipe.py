@@ -124,6 +124,10 @@ def test_stage_hash_follows_options_and_upstream(tmp_path):
     assert h != stage_hash(recipe, stage, "upstream-changed")
     changed = load_recipe(write(tmp_path, BASE), ["stages.sft.learning_rate=1e-4"])
     assert h != stage_hash(changed, changed.stages[0], None)
+    # How often a stage saves or logs changes nothing it computes: a rerun resumes instead of starting over.
+    saves_more = load_recipe(write(tmp_path, BASE), ["stages.sft.save_steps=3", "stages.sft.logging_steps=2",
+                                                     "stages.sft.save_every_minutes=5", "stages.sft.save_total_limit=9"])
+    assert h == stage_hash(saves_more, saves_more.stages[0], None)
 
 
 @pytest.mark.parametrize(
