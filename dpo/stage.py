@@ -20,7 +20,7 @@ from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
 from qwen_align.model import load_model
 from qwen_align.stage import (
-    StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
+    StageContext, StageResult, load_dtype, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
 )
 
 from .config import Config
@@ -83,7 +83,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         # τ_r from the weights the stage starts from (also on resume: the optimizer state then replaces it).
         delta = compute_sft_delta(
             [(n, p) for n, p in policy.named_parameters() if p.requires_grad], base,
-            tokenizer=tokenizer, dtype=dtype, seed=context.seed,
+            tokenizer=tokenizer, dtype=load_dtype(stage), seed=context.seed,  # the policy's own (master) dtype
         )
         norm = math.sqrt(sum(float(t.float().pow(2).sum()) for t in delta.values()))
         print(f"[{stage.name}] online merging ({stage.variant}, p={stage.reserve_rate:g}, "
@@ -138,7 +138,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         context.log_metrics({"stage": stage.name, "heldout_pair_accuracy": after["pair_accuracy"],
                              "heldout_logp_accuracy": after["logp_accuracy"]})
 
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage)
     if trainer.accelerator.is_main_process:
         metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

@@ -123,7 +123,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if schedule is not None and context.resume_checkpoint is None:
         schedule.initial_round()
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage)
 
     runtime = train_output.metrics.get("train_runtime", 0.0)
     metrics.update({

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -124,3 +125,57 @@ def main_writes() -> Iterator[bool]:
 def rank_label() -> str:
     """'rank 1 of 2: ' under several processes, '' for one: the prefix of a rank's one-line error."""
     return f"rank {rank()} of {world_size()}: " if is_distributed() else ""
+
+
+# ---------------------------------------------------------------- which backend the launcher set up
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the processes share the model: what `qwen-align plan` prints and the stages ask."""
+
+    kind: str  # "single" | "ddp" | "fsdp" | "fsdp2" | "deepspeed"
+    world_size: int
+    zero_stage: int | None = None  # DeepSpeed only
+    source: str = "environment"  # where it was read: the launcher's environment, or an accelerate config file
+
+    def describe(self) -> str:
+        name = {"single": "single process", "ddp": "DDP", "fsdp": "FSDP (v1)", "fsdp2": "FSDP2",
+                "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}"}[self.kind]
+        return f"{name}, world size {self.world_size} (from {self.source})"
+
+
+def _flag(value: str | None) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def launch_backend(env: dict[str, str] | None = None) -> Backend:
+    """The backend of this launch, from the variables `accelerate launch` / `torchrun` set."""
+    env = os.environ if env is None else env
+    size = int(env.get("WORLD_SIZE", "1"))
+    if _flag(env.get("ACCELERATE_USE_DEEPSPEED")):
+        return Backend("deepspeed", size, int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")))
+    if _flag(env.get("ACCELERATE_USE_FSDP")):
+        return Backend("fsdp2" if env.get("FSDP_VERSION", "1") == "2" else "fsdp", size)
+    return Backend("ddp" if size > 1 else "single", size)
+
+
+def config_backend(path: str) -> Backend:
+    """The backend an accelerate config file sets up (read with accelerate's own loader)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from .errors import UserError
+
+    try:
+        config = load_config_from_file(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: not an accelerate config ({e})") from None
+    kind = str(getattr(config.distributed_type, "value", config.distributed_type))
+    size = max(1, int(config.num_processes or 1))
+    source = f"accelerate config {path}"
+    if kind == "DEEPSPEED":
+        return Backend("deepspeed", size, int((config.deepspeed_config or {}).get("zero_stage", 2)), source)
+    if kind == "FSDP":
+        version = int((config.fsdp_config or {}).get("fsdp_version", 1))
+        return Backend("fsdp2" if version == 2 else "fsdp", size, source=source)
+    return Backend("ddp" if size > 1 else "single", size, source=source)

@@ -6,6 +6,7 @@ label. Both come from the same loader and the same checkpoint format (a transfor
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -120,12 +121,23 @@ def load_model(
     return model
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
-    """Write model + tokenizer (with chat template) so `AutoModel*.from_pretrained(out_dir)` works; atomic."""
+def save_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, *,
+    state_dict: dict | None = None, dtype: str | None = None,
+) -> Path:
+    """Write model + tokenizer (with chat template) so `AutoModel*.from_pretrained(out_dir)` works; atomic.
+
+    `state_dict` (e.g. gathered from shards, cast) replaces the model's own; `dtype` is what config.json then says.
+    """
     out_dir = Path(out_dir)
     if hasattr(model, "merge_and_unload"):  # a peft model: ship plain weights every stage can load
         model = model.merge_and_unload()
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if dtype is not None:  # save_pretrained writes the in-memory model's dtype
+            config_path = Path(tmp) / "config.json"
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            config["dtype"] = dtype
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(tmp)
     return out_dir

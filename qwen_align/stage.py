@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .distributed import launch_backend
 from .errors import UserError
 from .recipe import DataConfig, Recipe, StageConfig
 
@@ -89,7 +90,7 @@ class StageContext:
         from .model import load_model
 
         return load_model(
-            self.init_source, "policy", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+            self.init_source, "policy", tokenizer=tokenizer, dtype=load_dtype(stage),
             attn_implementation=stage.attn_implementation, seed=self.seed,
         )
 
@@ -125,6 +126,32 @@ def resolve_stage_dtype(dtype: str) -> str:
     return "float32"
 
 
+def load_dtype(stage: StageConfig) -> str:
+    """The dtype a stage's own model is loaded in: the one mixed-precision rule every stage follows.
+
+    A training stage keeps float32 master weights (and so float32 optimizer state); `dtype` is the compute dtype
+    that autocast / FSDP2's MixedPrecisionPolicy / DeepSpeed's bf16 runs the matmuls in. Only `pure_bf16` trains
+    bf16 weights. A stage that only samples loads its model in the compute dtype.
+    """
+    if stage.pure_bf16:
+        return "bfloat16"
+    return "float32" if stage.trains else resolve_stage_dtype(stage.dtype)
+
+
+def mixed_precision_arguments(stage: StageConfig) -> dict[str, Any]:
+    """TrainingArguments for the compute dtype: `bf16`/`fp16` make accelerate autocast over the fp32 weights."""
+    import torch
+
+    # Without a GPU accelerate autocasts on the CPU; it never sets DeepSpeed up on a `cpu` state, so leave that be.
+    use_cpu = not torch.cuda.is_available() and launch_backend().kind != "deepspeed"
+    if stage.pure_bf16:  # the weights are bf16 already; a mixed-precision backend would upcast them (FSDP2 does)
+        log.warning("stage '%s': pure_bf16 trains bf16 weights and optimizer state with no float32 master copy; "
+                    "updates below bf16's spacing (about 0.4%% of a weight) are lost", stage.name)
+        return dict(bf16=False, fp16=False, use_cpu=use_cpu)
+    dtype = resolve_stage_dtype(stage.dtype)
+    return dict(bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=use_cpu)
+
+
 def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, Any]:
     """The transformers TrainingArguments every training stage shares, from the common stage options.
 
@@ -132,7 +159,6 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
     """
     import torch
 
-    dtype = resolve_stage_dtype(stage.dtype)
     return dict(
         output_dir=str(context.checkpoints_dir),
         seed=context.seed,
@@ -151,23 +177,75 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         save_total_limit=stage.save_total_limit,
         activation_checkpointing=stage.gradient_checkpointing,  # transformers 5's name; TRL configs default it on
         dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
+        **mixed_precision_arguments(stage),
         report_to="none",
     )
 
 
-def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: StageContext) -> PreTrainedModel:
-    """The trained model (unwrapped, LoRA merged) written as the stage's output checkpoint by the main process."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: StageContext,
+                       stage: StageConfig) -> PreTrainedModel:
+    """The trained model (unwrapped, LoRA merged) written as the stage's output checkpoint in `save_dtype`.
+
+    Every rank takes part in gathering the full state dict (FSDP2 and ZeRO-3 hold shards); the main process writes.
+    Returns a model the main process can evaluate alone: under a sharded backend, the saved checkpoint reloaded.
+    """
+    from .model import save_checkpoint
+
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if trainer.accelerator.is_main_process:
-        from .model import save_checkpoint
-
-        save_checkpoint(model, tokenizer, context.output_dir)
-    trainer.accelerator.wait_for_everyone()
+        state_dict = model.state_dict()
+    else:
+        state_dict = accelerator.get_state_dict(trainer.model)
+    dtype = output_dtype(stage, context)
+    if accelerator.is_main_process:
+        save_checkpoint(model, tokenizer, context.output_dir, state_dict=cast_floating(state_dict, dtype), dtype=dtype)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and holds_shards(accelerator):
+        model = type(model).from_pretrained(context.output_dir)
     return model
+
+
+def output_dtype(stage: StageConfig, context: StageContext) -> str:
+    """`save_dtype`, where `auto` is the input checkpoint's dtype (config.json `dtype`/`torch_dtype`; a preset: fp32)."""
+    if stage.save_dtype != "auto":
+        return stage.save_dtype
+    config = Path(context.init_source) / "config.json"
+    if config.is_file():
+        raw = json.loads(config.read_text(encoding="utf-8"))
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        if dtype in ("float32", "bfloat16", "float16"):
+            return dtype
+    return "float32"
+
+
+def cast_floating(state_dict: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """`state_dict` with floating tensors cast to `dtype`; tensors sharing storage (tied weights) stay shared."""
+    import torch
+
+    target = getattr(torch, dtype)
+    out, cast = {}, {}
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point() or tensor.dtype == target:
+            out[name] = tensor
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in cast:
+            cast[key] = tensor.detach().to(target)
+        out[name] = cast[key]
+    return out
+
+
+def holds_shards(accelerator) -> bool:
+    """True when no single rank holds the whole model after training (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
+    return False
 
 
 def train_metrics(train_output) -> dict[str, Any]:

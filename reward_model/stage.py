@@ -14,7 +14,7 @@ from qwen_align.data import load_training_rows
 from qwen_align.model import load_model
 from qwen_align.rm_eval.scorer import score_items
 from qwen_align.stage import (
-    StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
+    StageContext, StageResult, load_dtype, save_trained_model, train_metrics, trainer_arguments,
 )
 
 from .config import Config
@@ -61,7 +61,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
           f"{lengths.truncated}, dropped for length {lengths.dropped_for_length}, bad rows skipped "
           f"{data_report['bad_rows_skipped']})")
 
-    model = load_model(context.init_source, "reward", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+    model = load_model(context.init_source, "reward", tokenizer=tokenizer, dtype=load_dtype(stage),
                        attn_implementation=stage.attn_implementation, seed=context.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_config = None
@@ -75,7 +75,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     trainer.model.config.pad_token_id = tokenizer.pad_token_id
-    model = save_trained_model(trainer, tokenizer, context)
+    model = save_trained_model(trainer, tokenizer, context, stage)
     metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
     if heldout and trainer.accelerator.is_main_process:
         held = heldout_metrics(model, tokenizer, heldout, stage)
