@@ -137,12 +137,14 @@ class Backend:
     kind: str  # "single" | "ddp" | "fsdp" | "fsdp2" | "deepspeed"
     world_size: int
     zero_stage: int | None = None  # DeepSpeed only
+    activation_checkpointing: bool = False  # FSDP's own (then the Trainer must not add its own)
     source: str = "environment"  # where it was read: the launcher's environment, or an accelerate config file
 
     def describe(self) -> str:
         name = {"single": "single process", "ddp": "DDP", "fsdp": "FSDP (v1)", "fsdp2": "FSDP2",
                 "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}"}[self.kind]
-        return f"{name}, world size {self.world_size} (from {self.source})"
+        checkpointing = ", FSDP activation checkpointing" if self.activation_checkpointing else ""
+        return f"{name}{checkpointing}, world size {self.world_size} (from {self.source})"
 
 
 def _flag(value: str | None) -> bool:
@@ -156,26 +158,33 @@ def launch_backend(env: dict[str, str] | None = None) -> Backend:
     if _flag(env.get("ACCELERATE_USE_DEEPSPEED")):
         return Backend("deepspeed", size, int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")))
     if _flag(env.get("ACCELERATE_USE_FSDP")):
-        return Backend("fsdp2" if env.get("FSDP_VERSION", "1") == "2" else "fsdp", size)
+        return Backend("fsdp2" if env.get("FSDP_VERSION", "1") == "2" else "fsdp", size,
+                       activation_checkpointing=_flag(env.get("FSDP_ACTIVATION_CHECKPOINTING")))
     return Backend("ddp" if size > 1 else "single", size)
 
 
 def config_backend(path: str) -> Backend:
     """The backend an accelerate config file sets up (read with accelerate's own loader)."""
+    import yaml
     from accelerate.commands.config.config_args import load_config_from_file
 
     from .errors import UserError
 
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: accelerate config not found")
     try:
         config = load_config_from_file(path)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: not an accelerate config ({e})") from None
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not an accelerate config ({problem})") from None
     kind = str(getattr(config.distributed_type, "value", config.distributed_type))
     size = max(1, int(config.num_processes or 1))
     source = f"accelerate config {path}"
     if kind == "DEEPSPEED":
-        return Backend("deepspeed", size, int((config.deepspeed_config or {}).get("zero_stage", 2)), source)
+        return Backend("deepspeed", size, zero_stage=int((config.deepspeed_config or {}).get("zero_stage", 2)),
+                       source=source)
     if kind == "FSDP":
-        version = int((config.fsdp_config or {}).get("fsdp_version", 1))
-        return Backend("fsdp2" if version == 2 else "fsdp", size, source=source)
+        fsdp = config.fsdp_config or {}
+        return Backend("fsdp2" if int(fsdp.get("fsdp_version", 1)) == 2 else "fsdp", size, source=source,
+                       activation_checkpointing=bool(fsdp.get("fsdp_activation_checkpointing")))
     return Backend("ddp" if size > 1 else "single", size, source=source)

@@ -175,7 +175,8 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         logging_steps=stage.logging_steps,
         save_steps=stage.save_steps,
         save_total_limit=stage.save_total_limit,
-        activation_checkpointing=stage.gradient_checkpointing,  # transformers 5's name; TRL configs default it on
+        # transformers 5's name; TRL configs default it on. FSDP's own checkpointing replaces it (the two clash).
+        activation_checkpointing=stage.gradient_checkpointing and not launch_backend().activation_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
         **mixed_precision_arguments(stage),
         report_to="none",
