@@ -188,3 +188,33 @@ def config_backend(path: str) -> Backend:
         return Backend("fsdp2" if int(fsdp.get("fsdp_version", 1)) == 2 else "fsdp", size, source=source,
                        activation_checkpointing=bool(fsdp.get("fsdp_activation_checkpointing")))
     return Backend("ddp" if size > 1 else "single", size, source=source)
+
+
+def allow_fsdp_on_cpu() -> None:
+    """Let an FSDP launch run on CPU processes over gloo (the tests' and a laptop's FSDP2).
+
+    accelerate 1.15 turns FSDP on only for GPU-like distributed types (`AcceleratorState.__init__`): without a GPU
+    the state comes up MULTI_CPU and the FSDP plugin is dropped, so each rank would train a DDP replica instead.
+    This promotes that state to FSDP with its plugin; torch's `fully_shard` itself runs on a CPU mesh.
+    """
+    import torch
+
+    if torch.cuda.is_available() or launch_backend().kind not in ("fsdp", "fsdp2"):
+        return
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "promotes_cpu_fsdp", False):
+        return
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+
+    __init__.promotes_cpu_fsdp = True
+    AcceleratorState.__init__ = __init__

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .distributed import launch_backend
+from .distributed import allow_fsdp_on_cpu, launch_backend
 from .errors import UserError
 from .recipe import DataConfig, Recipe, StageConfig
 
@@ -159,6 +159,8 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
     """
     import torch
 
+    allow_fsdp_on_cpu()  # before the Trainer sets up accelerate
+
     return dict(
         output_dir=str(context.checkpoints_dir),
         seed=context.seed,
@@ -198,13 +200,17 @@ def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: Sta
         model = model.merge_and_unload()
         state_dict = model.state_dict()
     else:
-        state_dict = accelerator.get_state_dict(trainer.model)
+        state_dict = full_tensors(accelerator.get_state_dict(trainer.model))
     dtype = output_dtype(stage, context)
     if accelerator.is_main_process:
         save_checkpoint(model, tokenizer, context.output_dir, state_dict=cast_floating(state_dict, dtype), dtype=dtype)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and holds_shards(accelerator):
-        model = type(model).from_pretrained(context.output_dir)
+    if accelerator.is_main_process and holds_shards(model):
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP2 swaps the model's class for an FSDP subclass; reload as the class underneath.
+        model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        model = model_class.from_pretrained(context.output_dir)
     return model
 
 
@@ -238,15 +244,30 @@ def cast_floating(state_dict: dict[str, Any], dtype: str) -> dict[str, Any]:
     return out
 
 
-def holds_shards(accelerator) -> bool:
-    """True when no single rank holds the whole model after training (FSDP, DeepSpeed ZeRO-3)."""
-    from accelerate.utils import DistributedType
+def full_tensors(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Shards still left as DTensors gathered whole (on every rank, in the same order).
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return accelerator.deepspeed_config["zero_optimization"]["stage"] == 3
-    return False
+    Under FSDP2 on CPU processes accelerate's state falls back to MULTI_CPU after training, so its
+    `get_state_dict` returns the model's own (DTensor) state dict.
+    """
+    from torch.distributed.tensor import DTensor
+
+    out, gathered = {}, {}
+    for name, value in state_dict.items():
+        if isinstance(value, DTensor):
+            key = value.to_local().untyped_storage().data_ptr()  # tied weights gather once and stay one tensor
+            if key not in gathered:
+                gathered[key] = value.full_tensor()
+            value = gathered[key]
+        out[name] = value
+    return out
+
+
+def holds_shards(model) -> bool:
+    """True when this rank's copy of `model` is a shard: FSDP2's DTensors, DeepSpeed ZeRO-3's partitions."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def train_metrics(train_output) -> dict[str, Any]:
