@@ -201,7 +201,7 @@ def allow_fsdp_on_cpu() -> None:
 
     if torch.cuda.is_available() or launch_backend().kind not in ("fsdp", "fsdp2"):
         return
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = AcceleratorState.__init__
@@ -215,6 +215,7 @@ def allow_fsdp_on_cpu() -> None:
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate's own init does
 
     __init__.promotes_cpu_fsdp = True
     AcceleratorState.__init__ = __init__

@@ -200,10 +200,11 @@ def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: Sta
         model = model.merge_and_unload()
         state_dict = model.state_dict()
     else:
-        state_dict = full_tensors(accelerator.get_state_dict(trainer.model))
+        state_dict = accelerator.get_state_dict(trainer.model)  # gathered whole on the main process
     dtype = output_dtype(stage, context)
     if accelerator.is_main_process:
-        save_checkpoint(model, tokenizer, context.output_dir, state_dict=cast_floating(state_dict, dtype), dtype=dtype)
+        state_dict = cast_floating(tie_like(state_dict, model), dtype)
+        save_checkpoint(model, tokenizer, context.output_dir, state_dict=state_dict, dtype=dtype)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and holds_shards(model):
         from torch.distributed.fsdp import FSDPModule
@@ -227,6 +228,17 @@ def output_dtype(stage: StageConfig, context: StageContext) -> str:
     return "float32"
 
 
+def tie_like(state_dict: dict[str, Any], model) -> dict[str, Any]:
+    """Names that share one parameter in `model` (tied embeddings) share one tensor again: a state dict gathered
+    from shards holds separate copies, and save_pretrained drops only aliases."""
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        origin = first.setdefault(id(param), name)
+        if origin != name and origin in state_dict and name in state_dict:
+            state_dict[name] = state_dict[origin]
+    return state_dict
+
+
 def cast_floating(state_dict: dict[str, Any], dtype: str) -> dict[str, Any]:
     """`state_dict` with floating tensors cast to `dtype`; tensors sharing storage (tied weights) stay shared."""
     import torch
@@ -241,25 +253,6 @@ def cast_floating(state_dict: dict[str, Any], dtype: str) -> dict[str, Any]:
         if key not in cast:
             cast[key] = tensor.detach().to(target)
         out[name] = cast[key]
-    return out
-
-
-def full_tensors(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """Shards still left as DTensors gathered whole (on every rank, in the same order).
-
-    Under FSDP2 on CPU processes accelerate's state falls back to MULTI_CPU after training, so its
-    `get_state_dict` returns the model's own (DTensor) state dict.
-    """
-    from torch.distributed.tensor import DTensor
-
-    out, gathered = {}, {}
-    for name, value in state_dict.items():
-        if isinstance(value, DTensor):
-            key = value.to_local().untyped_storage().data_ptr()  # tied weights gather once and stay one tensor
-            if key not in gathered:
-                gathered[key] = value.full_tensor()
-            value = gathered[key]
-        out[name] = value
     return out
 
 
