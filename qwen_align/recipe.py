@@ -116,7 +116,8 @@ class StageConfig(Strict):
         "half the memory, but updates below bf16's spacing (~0.4% of a weight) are lost."
     )
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of the stage's output checkpoint; `auto`: the input checkpoint's (a preset: float32)."
+        "auto",
+        description="Dtype of the stage's output checkpoint; `auto`: the input checkpoint's (a preset: float32).",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="`auto`: flash_attention_2 when installed on a GPU, else sdpa."

@@ -216,7 +216,7 @@ def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: Sta
 
 
 def output_dtype(stage: StageConfig, context: StageContext) -> str:
-    """`save_dtype`, where `auto` is the input checkpoint's dtype (config.json `dtype`/`torch_dtype`; a preset: fp32)."""
+    """`save_dtype`; `auto` is the input checkpoint's dtype (config.json `dtype`/`torch_dtype`; a preset: fp32)."""
     if stage.save_dtype != "auto":
         return stage.save_dtype
     config = Path(context.init_source) / "config.json"

@@ -54,7 +54,8 @@ def test_backend_from_launcher_environment():
                             "FSDP_ACTIVATION_CHECKPOINTING": "true"})
     assert (fsdp2.kind, fsdp2.world_size, fsdp2.activation_checkpointing) == ("fsdp2", 8, True)
     assert launch_backend({"WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"}).kind == "fsdp"
-    zero = launch_backend({"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    zero = launch_backend({"WORLD_SIZE": "8", "ACCELERATE_USE_DEEPSPEED": "true",
+                           "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     assert zero.describe() == "DeepSpeed ZeRO-3, world size 8 (from environment)"
     assert config_backend(str(CONFIGS / "8gpu-zero3.yaml")).zero_stage == 3
 
@@ -62,11 +63,14 @@ def test_backend_from_launcher_environment():
 def test_plan_prints_backend_and_world_size(tmp_path, monkeypatch, capsys):
     recipe = str(REPO / "recipes" / "qwen2.5-7b.yaml")
     assert main(["plan", recipe, "--accelerate-config", str(CONFIGS / "8gpu-fsdp2.yaml")]) == 0
-    assert "backend: FSDP2, FSDP activation checkpointing, world size 8 (from accelerate config" in capsys.readouterr().out
-    for key, value in {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(key, value)
+    out = capsys.readouterr().out
+    assert "backend: FSDP2, FSDP activation checkpointing, world size 8 (from accelerate config" in out
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["plan", recipe]) == 0
-    assert "backend: DeepSpeed ZeRO-3, world size 2 (from environment); the recipe plans for 8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backend: DeepSpeed ZeRO-3, world size 2 (from environment); the recipe plans for 8" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("x: 1\n")
     assert main(["plan", recipe, "--accelerate-config", str(bad)]) == 2
