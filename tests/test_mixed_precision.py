@@ -45,6 +45,12 @@ def _trained(path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def _losses(path) -> list[float]:
+    run_dir = yaml.safe_load(path.read_text())["run_dir"]
+    records = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")]
+    return [r["loss"] for r in records if "loss" in r]
+
+
 def _displacement(trained: dict, init: dict) -> tuple[torch.Tensor, float]:
     """Per-element movement of the large 2-D weights, and the share of them that moved at all."""
     moved = []
@@ -58,13 +64,17 @@ def _displacement(trained: dict, init: dict) -> tuple[torch.Tensor, float]:
 
 def test_bf16_updates_below_spacing_move_weights_as_fp32_does(tmp_path, demo_tokenizer_dir, demo_tokenizer):
     init = {k: v.clone() for k, v in load_model("tiny", tokenizer=demo_tokenizer, seed=0).state_dict().items()}
-    runs = {}
+    runs, losses = {}, {}
     for name, options in {
         "fp32": {"dtype": "float32"},
         "bf16": {"dtype": "bfloat16", "save_dtype": "float32"},  # keep the master weights to measure them
         "pure": {"dtype": "bfloat16", "pure_bf16": True, "save_dtype": "float32"},
     }.items():
-        runs[name] = _trained(_sft_recipe(tmp_path, demo_tokenizer_dir, name, **options)[0])
+        path = _sft_recipe(tmp_path, demo_tokenizer_dir, name, **options)[0]
+        runs[name], losses[name] = _trained(path), _losses(path)
+
+    # The bf16 run did compute in bf16 (the fused loss under autocast), within bf16's rounding of fp32.
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2)
 
     fp32, fp32_moved = _displacement(runs["fp32"], init)
     bf16, bf16_moved = _displacement(runs["bf16"], init)
