@@ -21,7 +21,7 @@ from qwen_align.callbacks import training_callbacks
 from qwen_align.data import load_training_rows
 from qwen_align.errors import UserError
 from qwen_align.stage import (
-    StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
+    StageContext, StageResult, load_dtype, save_trained_model, train_metrics, trainer_arguments,
 )
 
 from .config import Config
@@ -75,7 +75,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     train_rows, eval_rows, data_report = load_pairs(stage, context.seed)
     print(f"[{stage.name}] {len(train_rows)} training pairs, {len(eval_rows)} held-out pairs "
           f"(bad rows skipped {data_report['bad_rows_skipped']})")
-    dtype = resolve_stage_dtype(stage.dtype)
+    dtype = load_dtype(stage)  # the policy's own (master) dtype: the base for τ_r is read in it
     policy = context.load_policy(stage, tokenizer)
 
     merging = None
@@ -134,7 +134,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         context.log_metrics({"stage": stage.name, "heldout_pair_accuracy": after["pair_accuracy"],
                              "heldout_logp_accuracy": after["logp_accuracy"]})
 
-    model = save_trained_model(trainer, tokenizer, context, stage.lora)
+    model = save_trained_model(trainer, tokenizer, context, stage)
     if trainer.accelerator.is_main_process:
         metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

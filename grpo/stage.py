@@ -139,7 +139,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if schedule is not None:
         start_schedule(schedule, context, stage.name)
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
-    model = save_trained_model(trainer, tokenizer, context, stage.lora)
+    model = save_trained_model(trainer, tokenizer, context, stage)
 
     runtime = train_output.metrics.get("train_runtime", 0.0)
     metrics.update({

@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("recipe")
     plan.add_argument("--json", action="store_true", help="print the whole resolved recipe as JSON")
     plan.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe key")
+    plan.add_argument("--accelerate-config", metavar="FILE",
+                      help="show the backend this accelerate config sets up (default: the launcher's environment)")
 
     run = sub.add_parser("run", help="run a recipe's stages (completed ones are skipped)")
     run.add_argument("recipe")
@@ -50,9 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> None:
+    from .distributed import config_backend, launch_backend
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
+    backend = config_backend(args.accelerate_config) if args.accelerate_config else launch_backend()
     if args.json:
         out = recipe.resolved_json()
         for stage, raw in zip(recipe.stages, out["stages"]):
@@ -62,6 +66,8 @@ def _plan(args) -> None:
         return
     print(f"recipe {recipe.source}: model {recipe.model}, run_dir {recipe.run_dir}, seed {recipe.seed}, "
           f"{recipe.num_processes} process(es)")
+    mismatch = "" if backend.world_size == recipe.num_processes else f"; the recipe plans for {recipe.num_processes}"
+    print(f"backend: {backend.describe()}{mismatch}")
     for i, stage in enumerate(recipe.stages, 1):
         start = stage.init_from or f"{recipe.model} (recipe model)"
         print(f"{i}. {stage.name} [{stage.kind}] from {start}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -124,3 +125,97 @@ def main_writes() -> Iterator[bool]:
 def rank_label() -> str:
     """'rank 1 of 2: ' under several processes, '' for one: the prefix of a rank's one-line error."""
     return f"rank {rank()} of {world_size()}: " if is_distributed() else ""
+
+
+# ---------------------------------------------------------------- which backend the launcher set up
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the processes share the model: what `qwen-align plan` prints and the stages ask."""
+
+    kind: str  # "single" | "ddp" | "fsdp" | "fsdp2" | "deepspeed"
+    world_size: int
+    zero_stage: int | None = None  # DeepSpeed only
+    activation_checkpointing: bool = False  # FSDP's own (then the Trainer must not add its own)
+    source: str = "environment"  # where it was read: the launcher's environment, or an accelerate config file
+
+    def describe(self) -> str:
+        name = {"single": "single process", "ddp": "DDP", "fsdp": "FSDP (v1)", "fsdp2": "FSDP2",
+                "deepspeed": f"DeepSpeed ZeRO-{self.zero_stage}"}[self.kind]
+        checkpointing = ", FSDP activation checkpointing" if self.activation_checkpointing else ""
+        return f"{name}{checkpointing}, world size {self.world_size} (from {self.source})"
+
+
+def _flag(value: str | None) -> bool:
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def launch_backend(env: dict[str, str] | None = None) -> Backend:
+    """The backend of this launch, from the variables `accelerate launch` / `torchrun` set."""
+    env = os.environ if env is None else env
+    size = int(env.get("WORLD_SIZE", "1"))
+    if _flag(env.get("ACCELERATE_USE_DEEPSPEED")):
+        return Backend("deepspeed", size, int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")))
+    if _flag(env.get("ACCELERATE_USE_FSDP")):
+        return Backend("fsdp2" if env.get("FSDP_VERSION", "1") == "2" else "fsdp", size,
+                       activation_checkpointing=_flag(env.get("FSDP_ACTIVATION_CHECKPOINTING")))
+    return Backend("ddp" if size > 1 else "single", size)
+
+
+def config_backend(path: str) -> Backend:
+    """The backend an accelerate config file sets up (read with accelerate's own loader)."""
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from .errors import UserError
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: accelerate config not found")
+    try:
+        config = load_config_from_file(path)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not an accelerate config ({problem})") from None
+    kind = str(getattr(config.distributed_type, "value", config.distributed_type))
+    size = max(1, int(config.num_processes or 1))
+    source = f"accelerate config {path}"
+    if kind == "DEEPSPEED":
+        return Backend("deepspeed", size, zero_stage=int((config.deepspeed_config or {}).get("zero_stage", 2)),
+                       source=source)
+    if kind == "FSDP":
+        fsdp = config.fsdp_config or {}
+        return Backend("fsdp2" if int(fsdp.get("fsdp_version", 1)) == 2 else "fsdp", size, source=source,
+                       activation_checkpointing=bool(fsdp.get("fsdp_activation_checkpointing")))
+    return Backend("ddp" if size > 1 else "single", size, source=source)
+
+
+def allow_fsdp_on_cpu() -> None:
+    """Let an FSDP launch run on CPU processes over gloo (the tests' and a laptop's FSDP2).
+
+    accelerate 1.15 turns FSDP on only for GPU-like distributed types (`AcceleratorState.__init__`): without a GPU
+    the state comes up MULTI_CPU and the FSDP plugin is dropped, so each rank would train a DDP replica instead.
+    This promotes that state to FSDP with its plugin; torch's `fully_shard` itself runs on a CPU mesh.
+    """
+    import torch
+
+    if torch.cuda.is_available() or launch_backend().kind not in ("fsdp", "fsdp2"):
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "promotes_cpu_fsdp", False):
+        return
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate's own init does
+
+    __init__.promotes_cpu_fsdp = True
+    AcceleratorState.__init__ = __init__

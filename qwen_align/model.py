@@ -6,6 +6,7 @@ label. Both come from the same loader and the same checkpoint format (a transfor
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path

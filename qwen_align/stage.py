@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .distributed import allow_fsdp_on_cpu, launch_backend
 from .errors import UserError
 from .recipe import DataConfig, LoraOptions, Recipe, StageConfig
 
@@ -95,7 +96,7 @@ class StageContext:
         from .model import load_model
 
         return load_model(
-            source or self.init_source, role, tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+            source or self.init_source, role, tokenizer=tokenizer, dtype=load_dtype(stage),
             attn_implementation=stage.attn_implementation, seed=self.seed,
             quantize=stage.lora.quantize if stage.lora else None,
             rope_scaling=stage.rope_scaling.model_dump() if stage.rope_scaling else None,
@@ -145,6 +146,32 @@ def resolve_stage_dtype(dtype: str) -> str:
     return "float32"
 
 
+def load_dtype(stage: StageConfig) -> str:
+    """The dtype a stage's own model is loaded in: the one mixed-precision rule every stage follows.
+
+    A training stage keeps float32 master weights (and so float32 optimizer state); `dtype` is the compute dtype
+    that autocast / FSDP2's MixedPrecisionPolicy / DeepSpeed's bf16 runs the matmuls in. Only `pure_bf16` trains
+    bf16 weights. A stage that only samples loads its model in the compute dtype.
+    """
+    if stage.pure_bf16:
+        return "bfloat16"
+    return "float32" if stage.trains else resolve_stage_dtype(stage.dtype)
+
+
+def mixed_precision_arguments(stage: StageConfig) -> dict[str, Any]:
+    """TrainingArguments for the compute dtype: `bf16`/`fp16` make accelerate autocast over the fp32 weights."""
+    import torch
+
+    # Without a GPU accelerate autocasts on the CPU; it never sets DeepSpeed up on a `cpu` state, so leave that be.
+    use_cpu = not torch.cuda.is_available() and launch_backend().kind != "deepspeed"
+    if stage.pure_bf16:  # the weights are bf16 already; a mixed-precision backend would upcast them (FSDP2 does)
+        log.warning("stage '%s': pure_bf16 trains bf16 weights and optimizer state with no float32 master copy; "
+                    "updates below bf16's spacing (about 0.4%% of a weight) are lost", stage.name)
+        return dict(bf16=False, fp16=False, use_cpu=use_cpu)
+    dtype = resolve_stage_dtype(stage.dtype)
+    return dict(bf16=dtype == "bfloat16", fp16=dtype == "float16", use_cpu=use_cpu)
+
+
 def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, Any]:
     """The transformers TrainingArguments every training stage shares, from the common stage options.
 
@@ -152,7 +179,8 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
     """
     import torch
 
-    dtype = resolve_stage_dtype(stage.dtype)
+    allow_fsdp_on_cpu()  # before the Trainer sets up accelerate
+
     return dict(
         output_dir=str(context.checkpoints_dir),
         seed=context.seed,
@@ -169,31 +197,64 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         logging_steps=stage.logging_steps,
         save_steps=stage.save_steps,
         save_total_limit=stage.save_total_limit,
-        activation_checkpointing=stage.gradient_checkpointing,  # transformers 5's name; TRL configs default it on
+        # transformers 5's name; TRL configs default it on. FSDP's own checkpointing replaces it (the two clash).
+        activation_checkpointing=stage.gradient_checkpointing and not launch_backend().activation_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=dtype == "bfloat16",
-        fp16=dtype == "float16",
+        **mixed_precision_arguments(stage),
         report_to="none",
     )
 
 
 def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: StageContext,
-                       lora: LoraOptions | None = None, out_dtype: str | None = None) -> PreTrainedModel:
+                       stage: StageConfig) -> PreTrainedModel:
     """The trained model (unwrapped) written as the stage's output by the main process, merged or as an
-    adapter folder as `lora.save` says, in the published layout: sharded like the start checkpoint, with its
-    chat template, in `out_dtype` (default: the stage's dtype); returns the model to evaluate."""
+    adapter folder as `lora.save` says, in the published layout (sharded like the start checkpoint, with its
+    chat template) and in `save_dtype`.
+
+    Every rank takes part in gathering the full state dict (FSDP2 and ZeRO-3 hold shards); the main process writes.
+    Returns a model the main process can evaluate alone: under a sharded backend, the saved checkpoint reloaded.
+    """
+    from accelerate.utils import is_peft_model
+
     from .lora import save_trained
 
-    stage = context.stage_config
-    if out_dtype is None and stage is not None:
-        out_dtype = resolve_stage_dtype(stage.dtype)
-    layout = {"out_dtype": out_dtype, "source": context.init_source,
-              "max_shard_size": stage.max_shard_size if stage is not None else None}
-    model = save_trained(trainer.accelerator.unwrap_model(trainer.model), tokenizer, context.output_dir, lora,
-                         base=context.init_source, seed=context.seed, writes=trainer.accelerator.is_main_process,
-                         layout=layout)
-    trainer.accelerator.wait_for_everyone()
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    sharded = holds_shards(model)
+    layout: dict[str, Any] = {"out_dtype": output_dtype(stage, context), "source": context.init_source,
+                              "max_shard_size": stage.max_shard_size}
+    if sharded and not is_peft_model(model):
+        layout["state_dict"] = accelerator.get_state_dict(trainer.model)  # gathered whole on the main process
+    model = save_trained(model, tokenizer, context.output_dir, stage.lora, base=context.init_source, seed=context.seed,
+                         writes=accelerator.is_main_process, layout=layout)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and sharded:
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP2 swaps the model's class for an FSDP subclass; reload as the class underneath.
+        model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+        model = model_class.from_pretrained(context.output_dir)
     return model
+
+
+def output_dtype(stage: StageConfig, context: StageContext) -> str:
+    """`save_dtype`; `auto` is the input checkpoint's dtype (config.json `dtype`/`torch_dtype`; a preset: fp32)."""
+    if stage.save_dtype != "auto":
+        return stage.save_dtype
+    config = Path(context.init_source) / "config.json"
+    if config.is_file():
+        raw = json.loads(config.read_text(encoding="utf-8"))
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        if dtype in ("float32", "bfloat16", "float16"):
+            return dtype
+    return "float32"
+
+
+def holds_shards(model) -> bool:
+    """True when this rank's copy of `model` is a shard: FSDP2's DTensors, DeepSpeed ZeRO-3's partitions."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def train_metrics(train_output) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     trainer.model.config.pad_token_id = tokenizer.pad_token_id
-    model = save_trained_model(trainer, tokenizer, context, stage.lora)
+    model = save_trained_model(trainer, tokenizer, context, stage)
     metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
     if heldout and trainer.accelerator.is_main_process:
         held = heldout_metrics(model, tokenizer, heldout, stage)

@@ -19,7 +19,10 @@ class FusedLossSFTTrainer(AtomicCheckpoints, SFTTrainer):
         if return_outputs:  # callers that want logits get TRL's own path
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        loss, stats = causal_lm_loss(model, inputs, num_items_in_batch=num_items_in_batch, chunk_size=self.loss_chunk_size)
+        # accelerate autocasts by patching the model's forward, which the fused loss does not call.
+        with self.accelerator.autocast():
+            loss, stats = causal_lm_loss(model, inputs, num_items_in_batch=num_items_in_batch,
+                                         chunk_size=self.loss_chunk_size)
         # As in Trainer.compute_loss: num_items_in_batch counts every rank's tokens, and DDP averages gradients.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes

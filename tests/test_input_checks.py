@@ -28,9 +28,10 @@ def no_model(monkeypatch):
 
     # Import first: a module imported while the patch is on would keep `refuse` after the test.
     modules = [importlib.import_module(m) for m in ("dpo.stage", "grpo.stage", "reward_model.stage",
-                                                     "dpo.rejection_review", "qwen_align.model")]
+                                                     "dpo.rejection_sampling.review", "qwen_align.model")]
     for module in modules:
-        monkeypatch.setattr(module, "load_model", refuse)
+        if hasattr(module, "load_model"):  # stages that load through StageContext reach qwen_align.model's
+            monkeypatch.setattr(module, "load_model", refuse)
 
 
 def _run(tmp_path, demo_tokenizer_dir, stage: dict):

@@ -275,6 +275,34 @@ def write_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, chat_template
         (out / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
 
 
+def tie_like(state_dict: dict[str, Any], model) -> dict[str, Any]:
+    """Names that share one parameter in `model` (tied embeddings) share one tensor again: a state dict gathered
+    from shards holds separate copies, and save_pretrained drops only aliases."""
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        origin = first.setdefault(id(param), name)
+        if origin != name and origin in state_dict and name in state_dict:
+            state_dict[name] = state_dict[origin]
+    return state_dict
+
+
+def cast_floating(state_dict: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """`state_dict` with floating tensors cast to `dtype`; tensors sharing storage (tied weights) stay shared."""
+    import torch
+
+    target = getattr(torch, dtype)
+    out, cast = {}, {}
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point() or tensor.dtype == target:
+            out[name] = tensor
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in cast:
+            cast[key] = tensor.detach().to(target)
+        out[name] = cast[key]
+    return out
+
+
 def save_checkpoint(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -284,6 +312,7 @@ def save_checkpoint(
     max_shard_size: int | str | None = None,
     source: str | Path | None = None,
     chat_template: str | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` + `tokenizer` to `out_dir` (atomically) in the published layout.
 
@@ -299,9 +328,13 @@ def save_checkpoint(
         model = model.merge_and_unload()
     if isinstance(out_dtype, str):
         out_dtype = getattr(torch, out_dtype)
-    state_dict = None  # the model's own weights, unless they are cast; the model itself stays as trained
-    if out_dtype is not None and model.dtype != out_dtype:
-        state_dict = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    # The weights written: `state_dict` when given (gathered from shards), else the model's own, cast to
+    # out_dtype on the way out; the model itself stays as trained.
+    if state_dict is not None:
+        state_dict = tie_like(dict(state_dict), model)
+    if out_dtype is not None and (state_dict is not None or model.dtype != out_dtype):
+        state_dict = cast_floating(state_dict if state_dict is not None else model.state_dict(),
+                                   str(out_dtype).removeprefix("torch."))
     disk_dtype = out_dtype or model.dtype
     source_path = Path(source) if source is not None and is_checkpoint(source) else None
     if max_shard_size is None and source_path is not None:
