@@ -8,6 +8,7 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import GRPOConfig
 
+from qwen_align import distributed
 from qwen_align.callbacks import MetricsLogger
 from qwen_align.generation import SamplingParams
 from qwen_align.model import load_model
@@ -103,8 +104,6 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
-    from accelerate import PartialState
-
     set_seed(context.seed)
     tokenizer = context.tokenizer()
     queries, data_report = load_queries(stage, context)
@@ -112,12 +111,11 @@ def run(stage: Config, context: StageContext) -> StageResult:
           f"verifier) from {data_report['query_source']}")
     model = context.load_policy(stage, tokenizer)
     metrics: dict = {"data": data_report}
-    main = PartialState().is_main_process
-    if main and stage.task_eval is not None:
+    if stage.task_eval is not None:  # every rank answers its share
         print(f"[{stage.name}] before GRPO:")
         before = context.evaluate_task(stage, model, tokenizer)
         metrics["heldout_accuracy_before"] = before.get("heldout_accuracy")
-    reward_funcs = build_rewards(stage, context, tokenizer, PartialState().device)
+    reward_funcs = build_rewards(stage, context, tokenizer, distributed.device())
     trainer, schedule = make_trainer(stage, context, model, tokenizer, queries, reward_funcs,
                                      callbacks=[MetricsLogger(context, stage.name)])
     if schedule is not None and context.resume_checkpoint is None:
@@ -144,7 +142,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         })
         print(f"[{stage.name}] ordering: {len(schedule.rounds)} round(s), {schedule.seconds:.1f} s "
               f"= {metrics['ordering_overhead_pct']:.1f}% of the {training_only:.1f} s of training")
-    if trainer.accelerator.is_main_process and stage.task_eval is not None:
+    if stage.task_eval is not None:
         print(f"[{stage.name}] after GRPO:")
         metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from trl import GRPOTrainer
@@ -33,7 +34,9 @@ class OrderedGRPOTrainer(GRPOTrainer):
 
 class QueryScorer:
     """Samples k responses per query with the trainer's current policy and scores them with the stage's
-    rewards. Across processes each scores a share of the queries and all get every score."""
+    rewards. The queries go in batches of `batch_size`, each sampled with its own seed; across processes each
+    takes a share of the batches and all get every score, so a round's scores (hence the order) are the same
+    under any number of processes."""
 
     def __init__(self, queries, tokenizer, reward_funcs, weights, params: SamplingParams, batch_size: int = 64):
         self.queries = queries  # dataset rows (prompt, verifier_row, query_id)
@@ -43,6 +46,7 @@ class QueryScorer:
         self.params = params
         self.batch_size = batch_size
         self.trainer = None
+        self.calls = 0
         self.last_reward_stats: dict[str, float] = {}
 
     def bind(self, trainer) -> None:
@@ -50,8 +54,13 @@ class QueryScorer:
 
     def __call__(self, query_ids: list[int]) -> list[QueryScore]:
         acc = self.trainer.accelerator
-        mine = query_ids[acc.process_index :: acc.num_processes]
-        scores, per_reward = self._score(mine)
+        base = (self.params.seed if self.params.seed is not None else self.trainer.args.seed) + 100_003 * self.calls
+        self.calls += 1
+        batches = [query_ids[i : i + self.batch_size] for i in range(0, len(query_ids), self.batch_size)]
+        mine = list(enumerate(batches))[acc.process_index :: acc.num_processes]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # the training RNG stream stays as it was
+            scores, per_reward = self._score([(base + k, batch) for k, batch in mine])
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -67,13 +76,16 @@ class QueryScorer:
         where = {q: i for i, q in enumerate(query_ids)}
         return sorted(scores, key=lambda s: where[s.query_id])
 
-    def _score(self, query_ids: list[int]) -> tuple[list[QueryScore], dict[str, list]]:
+    def _score(self, seeded_batches: list[tuple[int, list[int]]]) -> tuple[list[QueryScore], dict[str, list]]:
+        query_ids = [q for _, batch in seeded_batches for q in batch]
         if not query_ids:
             return [], {f.__name__: [] for f in self.reward_funcs}
         rows = [self.queries[i] for i in query_ids]
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        responses = generate(model, self.tokenizer, [r["prompt"] for r in rows], self.params,
-                             batch_size=self.batch_size, desc="ordering pass")
+        responses = []
+        for seed, batch in seeded_batches:
+            responses += generate(model, self.tokenizer, [self.queries[i]["prompt"] for i in batch],
+                                  replace(self.params, seed=seed), batch_size=self.batch_size, desc="ordering pass")
         k = self.params.num_return_sequences
         prompts = [r["prompt"] for r in rows for _ in range(k)]
         completions = [[{"role": "assistant", "content": text}] for group in responses for text in group]

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import distributed
 from .errors import UserError
 from .recipe import DataConfig, Recipe, StageConfig
 
@@ -94,16 +95,23 @@ class StageContext:
         )
 
     def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-        """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none."""
+        """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none.
+
+        Every rank calls it: each answers its share of the batches (the model is a full replica) and all get
+        the one-process result, so no rank waits alone in a collective while another evaluates.
+        """
         if stage.task_eval is None:
             return {}
         from .generation import load_eval_rows, task_accuracy
 
         rows = load_eval_rows(stage.task_eval.path, stage.task_eval.limit)
         model.config.use_cache = True
-        result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size)
+        result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size,
+                               shard_batches=True)
         families = ", ".join(f"{k} {v:.1%}" for k, v in result["by_family"].items())
-        print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts ({families})")
+        if self.is_main_process:
+            print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts "
+                  f"({families})")
         self.log_metrics({"stage": stage.name, "heldout_accuracy": result["accuracy"]})
         return {"heldout_accuracy": result["accuracy"], "heldout": result}
 
@@ -154,6 +162,10 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         report_to="none",
+        # Without GPUs, torchrun's processes are CPU ranks (gloo): unless told so, transformers sees no
+        # distributed launch and each rank trains alone.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_timeout=int(distributed.DEFAULT_TIMEOUT.total_seconds()),
     )
 
 
