@@ -180,7 +180,8 @@ class Recipe(Strict):
     tokenizer: str | None = Field(None, description="Tokenizer folder; default: the model's checkpoint folder.")
     run_dir: str = Field(description="Where manifest, metrics, logs and checkpoints go.")
     seed: int = Field(42, description="Seeds model init, data mixing, sampling and training.")
-    num_processes: int = Field(1, gt=0, description="GPUs the chain is planned for (global batch arithmetic).")
+    num_processes: int = Field(1, gt=0, description="Processes the chain runs on (global batch arithmetic); unset: "
+                               "the launch's world size; set: a run with another world size stops.")
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1, description="The chain, run in order.")
 
     # Where the recipe came from; not part of the schema.
