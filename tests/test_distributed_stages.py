@@ -11,8 +11,9 @@ summed over 2b examples in one process, vs two sums of b all-reduced): the logge
 agree to ~1e-7. Adam divides each gradient element by its own magnitude, so where an element is near zero that
 rounding can move it by a fraction of a step; measured over the whole model the two runs differ by ~3e-6
 (SFT) to ~3e-4 (reward model) of how far training moved the weights. An unsynchronised run (each rank
-training on its own half) is off by a large fraction of the update, so the bound is 1e-3 of it.
-""""""
+training on its own half) is far off: one process on half the batch ends 0.97 of the update away (reward
+model, this recipe). The bound is 1e-3 of the update.
+"""
 
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def tiny_recipe(tmp: Path, start: Path, processes: int, stages=("sft", "dpo", "r
                "learning_rate": 1e-3, "eval_batch_size": 2},
         "grpo": {"name": "grpo", "kind": "grpo", "data": {"sources": [{"path": str(files["queries"])}]},
                  "rewards": [{"kind": "verifier"}], "num_generations": 2, "per_device_train_batch_size": 2 * k,
+                 "gradient_accumulation_steps": 1,
                  "max_steps": 2, "max_completion_length": 3, "ordering_batch_size": 2, "learning_rate": 1e-3,
                  "task_eval": heldout},
     }
@@ -139,10 +141,14 @@ def _relative_difference(one: dict, two: dict, start: dict) -> float:
 # ------------------------------------------------------------------------------------------- the two runs
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def start(tmp_path_factory) -> Path:
+    return _start_checkpoint(tmp_path_factory.mktemp("start") / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, start):
     """{1: run folder, 2: run folder} of the whole 4-stage recipe, and the start checkpoint."""
     root = tmp_path_factory.mktemp("dist")
-    start = _start_checkpoint(root / "start")
     out = {"start": start}
     for n in (1, 2):
         folder = root / f"p{n}"
@@ -231,36 +237,38 @@ def test_accelerate_launch_two_processes_sft(tmp_path, runs):
     assert _relative_difference(one, two, _weights(runs["start"])) < RELATIVE_TOL
 
 
-def test_set_num_processes_must_match_the_launch(tmp_path, runs):
+def test_set_num_processes_must_match_the_launch(tmp_path, start):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (multi-CPU needs mpirun): caught here.
-    recipe = tiny_recipe(tmp_path, runs["start"], 2, stages=("sft",), num_processes=2)
+    recipe = tiny_recipe(tmp_path, start, 2, stages=("sft",), num_processes=2)
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                            "-m", "qwen_align.cli", "run", str(recipe)],
                           capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO)
-    assert proc.returncode == 2
+    assert proc.returncode != 0  # the CLI's 2; accelerate's launcher reports it as 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "recipe.yaml:" in errors[0] and "num_processes: 2, but this run has 1" in errors[0]
     assert not (tmp_path / "run" / "sft").exists()
 
 
-def test_unset_num_processes_is_the_world_size(tmp_path, runs, monkeypatch):
+def test_unset_num_processes_is_the_world_size(tmp_path, start, monkeypatch):
     from qwen_align.recipe import load_recipe
 
-    recipe = tiny_recipe(tmp_path, runs["start"], 2, stages=("grpo",))
+    recipe = tiny_recipe(tmp_path, start, 2, stages=("grpo",))
     assert load_recipe(recipe, world_size=2).num_processes == 2
     monkeypatch.setenv("WORLD_SIZE", "2")  # what `plan` sees under a launcher
     assert load_recipe(recipe).num_processes == 2
 
 
-def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path, runs):
-    recipe = tiny_recipe(tmp_path, runs["start"], 2, stages=("sft",))
-    proc = launch(["run", str(recipe), "--set", "stages.sft.task_eval=null"], 2, timeout=300, FAIL_ON_RANK="1")
+def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path, start):
+    recipe = tiny_recipe(tmp_path, start, 2, stages=("sft",))
+    proc = launch(["run", str(recipe), "--set", "stages.sft.task_eval=null", "--set", "stages.sft.max_steps=1"], 2,
+                  timeout=300, FAIL_ON_RANK="1")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert [e for e in errors if "injected" in e] == ["error: rank 1 of 2: RuntimeError: injected failure after training"]
     # Rank 0, waiting at the next barrier, is ended by the launcher (or sees its peer gone and says so, by rank).
     assert all(e.startswith(("error: rank 0 of 2: ", "error: rank 1 of 2: ")) for e in errors)
-    assert "Traceback (most recent call last)" not in proc.stderr
+    # torchrun prints its own traceback (ChildFailedError); none comes from the ranks' code.
+    assert not any(part in proc.stderr for part in ("qwen_align/", "/sft/", "_probe_main"))
     assert "injected failure" in (tmp_path / "run" / "logs" / "sft.rank1.log").read_text()  # the traceback
 
 
@@ -268,20 +276,22 @@ def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path, runs):
 
 @pytest.mark.slow
 def test_demo_chain_two_processes_matches_one(tmp_path):
-    """The shipped demo, shortened, under torchrun 2 processes vs 1 process with accumulation 2 (same global
-    batch). Needs the rejection-sampling stage to shard its chunks across ranks (another part of issue 10)."""
+    """The shipped demo, shortened, under torchrun 2 processes vs 1 process with the per-device batches doubled
+    (same global batch). Needs the rejection-sampling stage to shard its chunks across ranks (another part of issue 10)."""
     shorten = ["--set", "stages.sft.max_steps=6", "--set", "stages.dpo.max_steps=4",
                "--set", "stages.reward_model.max_steps=4", "--set", "stages.grpo.max_steps=2",
                "--set", "stages.rejection_sampling.data.max_examples=128",
                "--set", "stages.sft.task_eval.limit=32", "--set", "stages.dpo.task_eval.limit=32",
                "--set", "stages.grpo.task_eval.limit=32"]
+    from qwen_align.recipe import load_recipe
+
+    demo = load_recipe(REPO / "recipes" / "demo.yaml", world_size=1)
+    doubled = [f"stages.{s.name}.per_device_train_batch_size={2 * s.per_device_train_batch_size}"
+               for s in demo.stages if s.trains]
     runs = {}
     for n in (1, 2):
         run_dir = tmp_path / f"p{n}"
-        batch = [] if n == 2 else ["--set", "stages.sft.gradient_accumulation_steps=2",
-                                   "--set", "stages.dpo.gradient_accumulation_steps=2",
-                                   "--set", "stages.reward_model.gradient_accumulation_steps=2",
-                                   "--set", "stages.grpo.gradient_accumulation_steps=2"]
+        batch = [] if n == 2 else [arg for assignment in doubled for arg in ("--set", assignment)]
         proc = launch(["run", str(REPO / "recipes" / "demo.yaml"), "--set", f"run_dir={run_dir}", *shorten, *batch],
                       n, how="cli", timeout=3600)
         assert proc.returncode == 0, proc.stderr[-3000:]
