@@ -277,8 +277,20 @@ def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path, start):
 @pytest.mark.slow
 def test_demo_chain_two_processes_matches_one(tmp_path):
     """The shipped demo, shortened, under torchrun 2 processes vs 1 process with the per-device batches doubled
-    (same global batch). Needs the rejection-sampling stage to shard its chunks across ranks (another part of issue 10)."""
-    shorten = ["--set", "stages.sft.max_steps=6", "--set", "stages.dpo.max_steps=4",
+    (same global batch). A 6-step SFT model passes no prompt, so DPO and the RM read hand-made pairs instead
+    of the (empty) rejection-sampled ones. Needs the rejection-sampling stage to shard its chunks across ranks
+    (another part of issue 10)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from helpers import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}],
+         "chosen": [{"role": "assistant", "content": str(a + b)}],
+         "rejected": [{"role": "assistant", "content": str(a + b + 1)}]}
+        for a in range(10, 30) for b in range(11, 21)])
+    own_pairs = [arg for name in ("dpo", "reward_model") for arg in (
+        "--set", f"stages.{name}.data.sources.0.stage=null", "--set", f"stages.{name}.data.sources.0.path={pairs}")]
+    shorten = own_pairs + ["--set", "stages.sft.max_steps=6", "--set", "stages.dpo.max_steps=4",
                "--set", "stages.reward_model.max_steps=4", "--set", "stages.grpo.max_steps=2",
                "--set", "stages.rejection_sampling.data.max_examples=128",
                "--set", "stages.sft.task_eval.limit=32", "--set", "stages.dpo.task_eval.limit=32",
