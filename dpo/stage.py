@@ -135,6 +135,5 @@ def run(stage: Config, context: StageContext) -> StageResult:
                              "heldout_logp_accuracy": after["logp_accuracy"]})
 
     model = save_trained_model(trainer, tokenizer, context, stage)
-    if trainer.accelerator.is_main_process:
-        metrics.update(context.evaluate_task(stage, model, tokenizer))
+    metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

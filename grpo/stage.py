@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import GRPOConfig
 
-from qwen_align import lora
+from qwen_align import distributed, lora
 from qwen_align.callbacks import training_callbacks
 from qwen_align.generation import SamplingParams
 from qwen_align.model import load_model
@@ -118,8 +118,6 @@ def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str)
 
 
 def run(stage: Config, context: StageContext) -> StageResult:
-    from accelerate import PartialState
-
     lora.check_runnable(stage.lora, stage.name)
     set_seed(context.seed)
     tokenizer = context.tokenizer()
@@ -128,12 +126,11 @@ def run(stage: Config, context: StageContext) -> StageResult:
           f"verifier) from {data_report['query_source']}")
     model = context.load_policy(stage, tokenizer)
     metrics: dict = {"data": data_report}
-    main = PartialState().is_main_process
-    if main and stage.task_eval is not None:
+    if stage.task_eval is not None:  # every rank answers its share
         print(f"[{stage.name}] before GRPO:")
         before = context.evaluate_task(stage, model, tokenizer)
         metrics["heldout_accuracy_before"] = before.get("heldout_accuracy")
-    reward_funcs = build_rewards(stage, context, tokenizer, PartialState().device)
+    reward_funcs = build_rewards(stage, context, tokenizer, distributed.device())
     trainer, schedule = make_trainer(stage, context, model, tokenizer, queries, reward_funcs,
                                      callbacks=training_callbacks(stage, context))
     if schedule is not None:
@@ -160,7 +157,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         })
         print(f"[{stage.name}] ordering: {len(schedule.rounds)} round(s), {schedule.seconds:.1f} s "
               f"= {metrics['ordering_overhead_pct']:.1f}% of the {training_only:.1f} s of training")
-    if trainer.accelerator.is_main_process and stage.task_eval is not None:
+    if stage.task_eval is not None:
         print(f"[{stage.name}] after GRPO:")
         metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

@@ -60,7 +60,9 @@ def load_ordering_state(checkpoint: str) -> dict | None:
 
 class QueryScorer:
     """Samples k responses per query with the trainer's current policy and scores them with the stage's
-    rewards. Across processes each scores a share of the queries and all get every score."""
+    rewards. The queries go in batches of `batch_size`, each sampled with its own seed; across processes each
+    takes a share of the batches and all get every score, so a round's scores (hence the order) are the same
+    under any number of processes."""
 
     def __init__(self, queries, tokenizer, reward_funcs, weights, params: SamplingParams, batch_size: int = 64,
                  seed: int = 0):
@@ -79,8 +81,11 @@ class QueryScorer:
 
     def __call__(self, query_ids: list[int]) -> list[QueryScore]:
         acc = self.trainer.accelerator
-        mine = query_ids[acc.process_index :: acc.num_processes]
-        scores, per_reward = self._score(mine)
+        batches = [query_ids[i : i + self.batch_size] for i in range(0, len(query_ids), self.batch_size)]
+        mine = list(enumerate(batches))[acc.process_index :: acc.num_processes]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # the training RNG stream stays as it was
+            scores, per_reward = self._score([(self._batch_seed(batch), batch) for _, batch in mine])
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -96,21 +101,22 @@ class QueryScorer:
         where = {q: i for i, q in enumerate(query_ids)}
         return sorted(scores, key=lambda s: where[s.query_id])
 
-    def _round_seed(self, query_ids: list[int]) -> int:
-        key = json.dumps([self.seed, self.trainer.state.global_step, query_ids])
+    def _batch_seed(self, batch: list[int]) -> int:
+        """A batch's sampling seed, from what it is: the same on any rank, in any number of processes, and in a
+        run resumed at this step (a counter of rounds would restart at 0 on resume)."""
+        key = json.dumps([self.seed, self.trainer.state.global_step, batch])
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
-    def _score(self, query_ids: list[int]) -> tuple[list[QueryScore], dict[str, list]]:
+    def _score(self, seeded_batches: list[tuple[int, list[int]]]) -> tuple[list[QueryScore], dict[str, list]]:
+        query_ids = [q for _, batch in seeded_batches for q in batch]
         if not query_ids:
             return [], {f.__name__: [] for f in self.reward_funcs}
         rows = [self.queries[i] for i in query_ids]
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        # A round samples from its own seed and leaves the global RNG as it was: training's sampling then does
-        # not depend on when rounds happen, and a resumed run (RNG restored from the checkpoint) matches.
-        params = replace(self.params, seed=self._round_seed(query_ids))
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            responses = generate(model, self.tokenizer, [r["prompt"] for r in rows], params,
-                                 batch_size=self.batch_size, desc="ordering pass")
+        responses = []
+        for seed, batch in seeded_batches:
+            responses += generate(model, self.tokenizer, [self.queries[i]["prompt"] for i in batch],
+                                  replace(self.params, seed=seed), batch_size=self.batch_size, desc="ordering pass")
         k = self.params.num_return_sequences
         prompts = [r["prompt"] for r in rows for _ in range(k)]
         completions = [[{"role": "assistant", "content": text}] for group in responses for text in group]

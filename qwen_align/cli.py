@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .errors import Interrupted, UserError
 
 
@@ -84,7 +85,7 @@ def _run(args) -> None:
     from .recipe import load_recipe
     from .runner import run_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set, world_size=distributed.world_size())
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     manifest = run_recipe(recipe, until=args.until, only=only)
     print(f"manifest: {Path(recipe.run_dir).resolve() / 'manifest.json'}")
@@ -120,6 +121,14 @@ def _eval_rm(args) -> None:
         print(f"wrote {Path(args.out) / 'summary.json'}" + ("" if args.scores_file else " and scores.jsonl"))
 
 
+def _one_voice() -> None:
+    """Under several processes only the main rank prints progress; the others keep their errors (stderr)."""
+    if distributed.is_main():
+        return
+    sys.stdout = open(os.devnull, "w")
+    os.environ["TQDM_DISABLE"] = "1"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -128,13 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             _plan(args)
         elif args.command == "run":
+            # Once, before any Trainer, with the long timeout: a rank may wait while another writes a checkpoint.
+            distributed.init()
+            _one_voice()
             _run(args)
         elif args.command == "tokenizer":
             _tokenizer_build(args)
         elif args.command == "eval-rm":
             _eval_rm(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {distributed.rank_label()}{e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
@@ -145,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not distributed.is_distributed():
+            raise  # one process: the traceback
+        # Several: one line naming the rank (the traceback is in its stage log); the launcher then ends the others.
+        print(f"error: {distributed.rank_label()}{type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
     return 0
 
 

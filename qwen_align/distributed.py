@@ -16,9 +16,10 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 # Long enough for a held-out evaluation or a checkpoint write on one rank while the others wait.
 DEFAULT_TIMEOUT = datetime.timedelta(hours=2)
@@ -53,16 +54,22 @@ def is_main() -> bool:
 
 
 def init(timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
-    """Create the process group (once) when launched with several processes; a no-op for one process."""
+    """Create the process group (once) when launched with several processes; a no-op for one process.
+
+    Called at CLI start, before any Trainer: the Trainers' own set-up then finds the group and keeps it (and
+    its long timeout). Without GPUs the group is gloo (accelerate's MULTI_CPU), as `use_cpu` asks of the
+    Trainers (`stage.trainer_arguments`).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
+    import torch
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     from accelerate import PartialState
 
-    PartialState(timeout=timeout)
+    PartialState(cpu=not torch.cuda.is_available(), timeout=timeout)
 
 
 def device():
@@ -111,6 +118,22 @@ def any_rank(flag: bool) -> bool:
 def shard(items: list[T]) -> list[T]:
     """This rank's share of `items` (round-robin), so that the ranks together cover each item once."""
     return items[rank() :: world_size()]
+
+
+def sharded_map(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
+    """`fn` over this rank's `shard(items)`; every rank gets all results, in the order of `items`.
+
+    For work on a full model replica (held-out evaluation under DDP): N ranks do 1/N each, and the result
+    is the one process's, as long as `fn` treats each item on its own.
+    """
+    mine = fn(shard(items))
+    if len(mine) != len(shard(items)):
+        raise ValueError(f"sharded_map: fn returned {len(mine)} results for {len(shard(items))} items")
+    out: list[Any] = [None] * len(items)
+    n = world_size()
+    for r, part in enumerate(gather_objects(mine)):
+        out[r::n] = part
+    return out
 
 
 @contextlib.contextmanager

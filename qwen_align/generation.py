@@ -83,46 +83,59 @@ def generate_samples(
     params: SamplingParams,
     batch_size: int = 32,
     desc: str = "generating",
+    shard_batches: bool = False,
 ) -> list[list[Sample]]:
-    """`params.num_return_sequences` samples per conversation with transformers' `generate`."""
+    """`params.num_return_sequences` samples per conversation with transformers' `generate`.
+
+    `shard_batches`: under several processes (each holding the whole model) every rank generates its share of
+    the batches and all get every result. The batches are the ones one process forms, and with a seed each
+    batch is seeded on its own (seed + batch index), so the samples do not depend on the number of processes.
+    """
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     end_ids = stop_token_ids(tokenizer)
-    sample = params.temperature > 0
-    n = params.num_return_sequences
-    if params.seed is not None:
+    if params.seed is not None and not shard_batches:
         torch.manual_seed(params.seed)  # also seeds every CUDA device
     try:
         # Sort by length so a batch pads little; restore the order afterwards.
         texts = chat_prompts(tokenizer, conversations)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        results: dict[int, list[Sample]] = {}
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-            idx = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = enc.to(model.device)
-            generated = model.generate(
-                **enc,
-                max_new_tokens=params.max_new_tokens,
-                do_sample=sample,
-                temperature=params.temperature if sample else None,
-                top_p=params.top_p if sample else None,
-                top_k=None,
-                num_return_sequences=n,
-                eos_token_id=end_ids,
-                pad_token_id=tokenizer.pad_token_id,
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        if shard_batches:
+            per_batch = distributed.sharded_map(
+                lambda mine: [_generate_batch(model, tokenizer, texts, idx, params, end_ids, seed_offset=k)
+                              for k, idx in mine],
+                list(enumerate(batches)),
             )
-            new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
-            decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            samples = [_sample(text, tokens, end_ids) for text, tokens in zip(decoded, new_tokens)]
-            for j, i in enumerate(idx):
-                results[i] = samples[j * n : (j + 1) * n]
+            results = {i: samples for batch in per_batch for i, samples in batch.items()}
+            return [results[i] for i in range(len(texts))]
+        results: dict[int, list[Sample]] = {}
+        for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
+            results.update(_generate_batch(model, tokenizer, texts, idx, params, end_ids))
         return [results[i] for i in range(len(texts))]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
+
+
+def _generate_batch(model, tokenizer, texts, idx, params: SamplingParams, end_ids, seed_offset: int | None = None):
+    """{conversation index: its samples} for one batch; `seed_offset` given: the batch seeded on its own."""
+    sample = params.temperature > 0
+    n = params.num_return_sequences
+    if seed_offset is not None and params.seed is not None:
+        torch.manual_seed(params.seed + seed_offset)
+    enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    generated = model.generate(
+        **enc, max_new_tokens=params.max_new_tokens, do_sample=sample,
+        temperature=params.temperature if sample else None, top_p=params.top_p if sample else None, top_k=None,
+        num_return_sequences=n, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
+    )
+    new_tokens = generated[:, enc["input_ids"].shape[1] :].tolist()
+    decoded = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    samples = [_sample(text, tokens, end_ids) for text, tokens in zip(decoded, new_tokens)]
+    return {i: samples[j * n : (j + 1) * n] for j, i in enumerate(idx)}
 
 
 def _sample(text: str, tokens: list[int], end_ids: list[int]) -> Sample:
@@ -139,9 +152,11 @@ def generate(
     params: SamplingParams,
     batch_size: int = 32,
     desc: str = "generating",
+    shard_batches: bool = False,
 ) -> list[list[str]]:
     """Responses (num_return_sequences per conversation), decoded without special tokens."""
-    samples = generate_samples(model, tokenizer, conversations, params, batch_size=batch_size, desc=desc)
+    samples = generate_samples(model, tokenizer, conversations, params, batch_size=batch_size, desc=desc,
+                               shard_batches=shard_batches)
     return [[s.text for s in group] for group in samples]
 
 
@@ -272,11 +287,12 @@ def task_accuracy(
     rows: list[dict[str, Any]],
     max_new_tokens: int = 32,
     batch_size: int = 64,
+    shard_batches: bool = False,
 ) -> dict[str, Any]:
-    """Greedy answers to held-out prompts, checked by each row's verifier."""
+    """Greedy answers to held-out prompts, checked by each row's verifier (`shard_batches`: see generate_samples)."""
     responses = generate(
         model, tokenizer, [prompt_messages(r) for r in rows], SamplingParams(max_new_tokens=max_new_tokens),
-        batch_size=batch_size, desc="held-out eval",
+        batch_size=batch_size, desc="held-out eval", shard_batches=shard_batches,
     )
     passed = Counter()
     total = Counter()

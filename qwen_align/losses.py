@@ -26,15 +26,20 @@ the shifted hidden states; on CUDA, when ``liger_kernel`` is installed, it uses 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 __all__ = [
+    "FusedLossOutput",
+    "install_fused_loss_forward",
     "DEFAULT_CPU_CHUNK_BYTES",
     "DEFAULT_CUDA_CHUNK_BYTES",
     "causal_lm_loss",
@@ -397,8 +402,15 @@ def causal_lm_loss(
     instead of :func:`fused_linear_cross_entropy`.
 
     Returns ``(loss, stats)`` as :func:`fused_linear_cross_entropy`.
+
+    Called on a DDP/FSDP-wrapped model this bypasses the wrapper's forward (no gradient sync); training code
+    calls the wrapped model instead, after :func:`install_fused_loss_forward`.
     """
     base, backbone, head = _backbone_and_head(model)
+    return _fused_causal_lm_loss(base, backbone, head, inputs, num_items_in_batch, chunk_size, ignore_index, use_liger)
+
+
+def _fused_causal_lm_loss(base, backbone, head, inputs, num_items_in_batch, chunk_size, ignore_index, use_liger):
     _check_plain_logits(base.config)
 
     batch = dict(inputs)
@@ -443,3 +455,48 @@ def causal_lm_loss(
         num_items_in_batch=num_items_in_batch,
         chunk_size=chunk_size,
     )
+
+
+@dataclass
+class FusedLossOutput(ModelOutput):
+    """What the causal LM's forward returns when called with ``fused_loss=True``: the loss and its stats, no logits."""
+
+    loss: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+    num_correct: torch.Tensor | None = None
+    nll_sum: torch.Tensor | None = None
+
+
+def install_fused_loss_forward(
+    model: nn.Module, chunk_size: int | None = None, *, ignore_index: int = -100, use_liger: bool | None = None
+) -> None:
+    """Give the causal LM inside ``model`` (PEFT-wrapped or not) a forward that, called with ``fused_loss=True``
+    (and ``labels`` or ``shift_labels``), returns a :class:`FusedLossOutput` from :func:`causal_lm_loss`'s fused
+    path instead of logits; without the flag it is the model's own forward.
+
+    The forward is replaced on the instance, as Liger replaces Qwen2's: the trainer then calls the *wrapped*
+    model (``model(**inputs, fused_loss=True)``), so DDP's forward (which prepares the gradient all-reduce) and
+    FSDP's unshard hooks on the root module run as for any forward.
+    """
+    base, backbone, head = _backbone_and_head(model)
+    if getattr(base, "_fused_loss_installed", False):
+        return
+    original = base.forward
+
+    @functools.wraps(original)  # keeps the signature the Trainer inspects (column pruning, loss kwargs)
+    def forward(*args, fused_loss: bool = False, num_items_in_batch=None, **kwargs):
+        if not fused_loss:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original(*args, **kwargs)
+        if args:
+            kwargs["input_ids"] = args[0]
+        # PEFT forwards its own keyword defaults (inputs_embeds=None, output_attentions=None, ...).
+        inputs = {k: v for k, v in kwargs.items() if v is not None}
+        loss, stats = _fused_causal_lm_loss(
+            base, backbone, head, inputs, num_items_in_batch, chunk_size, ignore_index, use_liger
+        )
+        return FusedLossOutput(loss=loss, **stats)
+
+    base.forward = forward
+    base._fused_loss_installed = True

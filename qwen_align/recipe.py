@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from . import registry
+from . import distributed, registry
 from .errors import RecipeError
 
 
@@ -232,7 +232,8 @@ class Recipe(Strict):
     tokenizer: str | None = Field(None, description="Tokenizer folder; default: the model's checkpoint folder.")
     run_dir: str = Field(description="Where manifest, metrics, logs and checkpoints go.")
     seed: int = Field(42, description="Seeds model init, data mixing, sampling and training.")
-    num_processes: int = Field(1, gt=0, description="GPUs the chain is planned for (global batch arithmetic).")
+    num_processes: int = Field(1, gt=0, description="Processes the chain runs on (global batch arithmetic); unset: "
+                               "the launch's world size; set: a run with another world size stops.")
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1, description="The chain, run in order.")
 
     # Where the recipe came from; not part of the schema.
@@ -339,7 +340,8 @@ def _list_item(items: list, part: str, key: str):
     raise RecipeError(f"--set {key}: no list item named or numbered '{part}'")
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, world_size: int | None = None) -> Recipe:
+    """The validated recipe; `world_size` (a run's number of processes) must equal a `num_processes` it sets."""
     path = Path(path)
     source = str(path)
     try:
@@ -360,10 +362,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     raw = copy.deepcopy(raw)
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    return validate_recipe(raw, source, _yaml_key_lines(text), base_dir=path.parent)
+    return validate_recipe(raw, source, _yaml_key_lines(text), base_dir=path.parent, world_size=world_size)
 
 
-def validate_recipe(raw: dict, source: str, lines: dict[tuple, int] | None = None, base_dir: Path | None = None) -> Recipe:
+def validate_recipe(raw: dict, source: str, lines: dict[tuple, int] | None = None, base_dir: Path | None = None,
+                    world_size: int | None = None) -> Recipe:
     lines = lines or {}
     raw_stages = raw.get("stages")
     stages: list[StageConfig] = []
@@ -376,12 +379,23 @@ def validate_recipe(raw: dict, source: str, lines: dict[tuple, int] | None = Non
         err = e.errors()[0]
         raise _error_line(source, tuple(err["loc"]), lines, _pydantic_message(err)) from None
     recipe.source = source
+    _check_num_processes(recipe, lines, world_size)
     base_dir = base_dir or Path.cwd()
     _check_chain(recipe, lines, base_dir)
     _check_stages_against_recipe(recipe, lines)
     _resolve_paths(recipe, base_dir)
     _check_context_lengths(recipe, lines)
     return recipe
+
+
+def _check_num_processes(recipe: Recipe, lines: dict[tuple, int], world_size: int | None) -> None:
+    """Unset, `num_processes` is the launch's world size; set, a run with another world size stops."""
+    if "num_processes" not in recipe.model_fields_set:
+        recipe.num_processes = world_size or distributed.world_size()
+    elif world_size is not None and recipe.num_processes != world_size:
+        raise _error_line(recipe.source, ("num_processes",), lines,
+                          f"{recipe.num_processes}, but this run has {world_size} process(es); launch "
+                          f"{recipe.num_processes}, or --set num_processes={world_size} (the global batch changes)")
 
 
 def _validate_stage(item: Any, index: int, source: str, lines: dict[tuple, int]) -> StageConfig:

@@ -50,7 +50,7 @@ class Manifest:
     def __init__(self, run_dir: Path, recipe: Recipe):
         self.path = run_dir / "manifest.json"
         self.data: dict[str, Any] = {"recipe": recipe.source, "stages": {}}
-        if self.path.is_file():
+        if distributed.is_main() and self.path.is_file():
             import json
 
             try:
@@ -58,6 +58,8 @@ class Manifest:
             except ValueError as e:
                 raise RecipeError(f"{self.path}: manifest is not valid JSON ({e}); move it away to start over") from None
             self.data.setdefault("stages", {})
+        # Every rank decides what to skip, resume or redo from the main rank's reading (made before it writes).
+        self.data = distributed.broadcast_object(self.data)
 
     def entry(self, name: str) -> dict[str, Any] | None:
         return self.data["stages"].get(name)
@@ -156,13 +158,13 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
     init_source = _init_source(recipe, stage, manifest, hashes)
     resume = None
     checkpoints = stage_dir / "checkpoints"
-    if entry.get("config_hash") == config_hash:
-        if entry.get("status") in ("running", "failed", "interrupted"):
-            resume = _last_checkpoint(checkpoints)
-    else:
+    same_work = entry.get("config_hash") == config_hash
+    if same_work and entry.get("status") in ("running", "failed", "interrupted"):
+        resume = distributed.broadcast_object(_last_checkpoint(checkpoints))  # the one the main rank sees
+    with distributed.main_writes() as writer:
         # Work of a different config (or of different inputs) must be neither resumed nor reused.
         for stale in (checkpoints, stage_dir / "final"):
-            if stale.exists():
+            if writer and not same_work and stale.exists():
                 shutil.rmtree(stale)
     context = StageContext(
         recipe=recipe,
@@ -182,7 +184,7 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
         stage.name, kind=stage.kind, status="running", config_hash=config_hash, init_from=context.init_source,
         started_at=_now(), versions=library_versions(), resumed_from=resume, error=None,
     )
-    with _stage_log(run_dir / "logs" / f"{stage.name}.log"):
+    with _stage_log(run_dir / "logs" / _log_name(stage.name)) as stage_log:
         try:
             context.check_task_eval(stage)  # before any compute: a bad held-out row must not wait for training
             result: StageResult = module.run(stage, context)
@@ -194,17 +196,25 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
             manifest.update(stage.name, status="interrupted", finished_at=_now())
             raise
         except Exception as e:
+            if not isinstance(e, UserError):
+                stage_log.traceback(f"{distributed.rank_label()}stage '{stage.name}' failed")
             manifest.update(stage.name, status="failed", error=f"{type(e).__name__}: {e}"[:2000], finished_at=_now())
             if isinstance(e, OSError) and e.errno in WRITE_ERRORS:  # e.g. a full disk under final/: one line
                 where = e.filename or stage_dir
                 raise UserError(f"stage '{stage.name}': could not write {where}: {errno.errorcode[e.errno]} "
                                 f"({e.strerror}); earlier outputs and the manifest are intact") from e
             raise
-    manifest.update(
-        stage.name, status="completed", output=str(result.output),
-        outputs={k: str(v) for k, v in result.outputs.items()}, metrics=result.metrics, finished_at=_now(),
-    )
+    with distributed.main_writes():  # the next stage, on every rank, reads what this one recorded
+        manifest.update(
+            stage.name, status="completed", output=str(result.output),
+            outputs={k: str(v) for k, v in result.outputs.items()}, metrics=result.metrics, finished_at=_now(),
+        )
     print(f"[{stage.name}] done: {result.output}")
+
+
+def _log_name(stage_name: str) -> str:
+    """The main rank writes logs/<stage>.log; another rank its own logs/<stage>.rank<N>.log."""
+    return f"{stage_name}.log" if distributed.is_main() else f"{stage_name}.rank{distributed.rank()}.log"
 
 
 def _last_checkpoint(folder: Path) -> str | None:
@@ -236,6 +246,13 @@ class _stage_log:
             if name not in ("transformers", "trl") and (lg.level == logging.NOTSET or lg.level > logging.INFO):
                 lg.setLevel(logging.INFO)
         return self
+
+    def traceback(self, message: str) -> None:
+        """The exception being handled, with its traceback, into the log file only (the console gets one line)."""
+        import sys
+
+        record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None, sys.exc_info())
+        self.handler.handle(record)
 
     def __exit__(self, *exc):
         for name in LOGGERS:

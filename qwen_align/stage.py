@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import distributed
 from .distributed import allow_fsdp_on_cpu, launch_backend
 from .errors import UserError
 from .recipe import DataConfig, LoraOptions, Recipe, StageConfig
@@ -115,16 +116,23 @@ class StageContext:
         return self._task_eval_rows
 
     def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
-        """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none."""
+        """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none.
+
+        Every rank calls it: each answers its share of the batches (the model is a full replica) and all get
+        the one-process result, so no rank waits alone in a collective while another evaluates.
+        """
         if stage.task_eval is None:
             return {}
         from .generation import task_accuracy
 
         rows = self.check_task_eval(stage)
         model.config.use_cache = True
-        result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size)
+        result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size,
+                               shard_batches=True)
         families = ", ".join(f"{k} {v:.1%}" for k, v in result["by_family"].items())
-        print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts ({families})")
+        if self.is_main_process:
+            print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts "
+                  f"({families})")
         self.log_metrics({"stage": stage.name, "heldout_accuracy": result["accuracy"]})
         return {"heldout_accuracy": result["accuracy"], "heldout": result}
 
@@ -202,6 +210,10 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         dataloader_pin_memory=torch.cuda.is_available(),
         **mixed_precision_arguments(stage),
         report_to="none",
+        # Without GPUs, torchrun's processes are CPU ranks (gloo): unless told so, transformers sees no
+        # distributed launch and each rank trains alone.
+        use_cpu=not torch.cuda.is_available(),
+        ddp_timeout=int(distributed.DEFAULT_TIMEOUT.total_seconds()),
     )
 
 
@@ -212,7 +224,8 @@ def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: Sta
     chat template) and in `save_dtype`.
 
     Every rank takes part in gathering the full state dict (FSDP2 and ZeRO-3 hold shards); the main process writes.
-    Returns a model the main process can evaluate alone: under a sharded backend, the saved checkpoint reloaded.
+    Returns a whole model on every rank for the sharded held-out evaluation: under a sharded backend, the saved
+    checkpoint reloaded.
     """
     from accelerate.utils import is_peft_model
 
@@ -228,12 +241,12 @@ def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: Sta
     model = save_trained(model, tokenizer, context.output_dir, stage.lora, base=context.init_source, seed=context.seed,
                          writes=accelerator.is_main_process, layout=layout)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and sharded:
+    if sharded:  # every rank evaluates a share on a whole replica: the checkpoint just written, reloaded
         from torch.distributed.fsdp import FSDPModule
 
         # FSDP2 swaps the model's class for an FSDP subclass; reload as the class underneath.
         model_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-        model = model_class.from_pretrained(context.output_dir)
+        model = model_class.from_pretrained(context.output_dir).to(distributed.device())
     return model
 
 

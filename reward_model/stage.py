@@ -9,7 +9,7 @@ from statistics import mean
 from transformers import set_seed
 from trl import RewardConfig, RewardTrainer
 
-from qwen_align import lora
+from qwen_align import distributed, lora
 from qwen_align.callbacks import training_callbacks
 from qwen_align.checkpoints.resume import atomic_checkpoints
 from qwen_align.data import load_training_rows
@@ -33,7 +33,18 @@ def training_args(stage: Config, context: StageContext) -> RewardConfig:
 
 
 def heldout_metrics(model, tokenizer, items, stage: Config) -> dict:
-    scores, fmt = score_items(model, tokenizer, items, stage.max_length, stage.eval_batch_size, progress=False)
+    """Every rank scores its share of the held-out pairs (the model is a full replica); all get every score."""
+    truncated = [0]
+
+    def score(mine):
+        if not mine:
+            return []
+        per_item, fmt = score_items(model, tokenizer, mine, stage.max_length, stage.eval_batch_size, progress=False)
+        truncated[0] = fmt["truncated_items"]
+        return per_item
+
+    scores = distributed.sharded_map(score, items)
+    fmt = {"truncated_items": sum(distributed.gather_objects(truncated[0]))}
     right = [s[0] > s[1] for s in scores]
     margins = [s[0] - s[1] for s in scores]
     return {
@@ -73,7 +84,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     trainer.model.config.pad_token_id = tokenizer.pad_token_id
     model = save_trained_model(trainer, tokenizer, context, stage)
     metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
-    if heldout and trainer.accelerator.is_main_process:
+    if heldout:
         held = heldout_metrics(model, tokenizer, heldout, stage)
         metrics.update(held)
         metrics["heldout_accuracy"] = held["heldout_pair_accuracy"]  # the key `qwen-align run` prints

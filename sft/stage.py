@@ -68,6 +68,5 @@ def run(stage: Config, context: StageContext) -> StageResult:
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     model = save_trained_model(trainer, tokenizer, context, stage)
     metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
-    if trainer.accelerator.is_main_process:
-        metrics.update(context.evaluate_task(stage, model, tokenizer))
+    metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

@@ -342,6 +342,48 @@ def test_causal_lm_loss_peft_lora(tiny_qwen2):
     _assert_grads_close(_param_grads(model), ref_grads)
 
 
+def test_fused_forward_runs_inside_the_wrapper(tiny_qwen2):
+    """`install_fused_loss_forward`: the wrapped model's forward (DDP's, FSDP's hooks) runs and returns the
+    model's own loss and gradients; without the flag the model is unchanged (logits)."""
+    import copy
+
+    from qwen_align.losses import install_fused_loss_forward
+
+    peft = pytest.importorskip("peft")
+
+    class Wrapper(torch.nn.Module):  # the shape of DDP: the model as `.module`, its forward calls it
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+            self.calls = 0
+
+        def forward(self, **kwargs):
+            self.calls += 1
+            return self.module(**kwargs)
+
+    g = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(0, 300, (2, 16), generator=g)
+    batch = {"input_ids": input_ids, "labels": input_ids}
+    plain = copy.deepcopy(tiny_qwen2)
+    lora = peft.get_peft_model(copy.deepcopy(tiny_qwen2),
+                               peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    for model in (plain, lora):
+        model.zero_grad()
+        ref = model(**batch).loss
+        ref.backward()
+        ref_grads = _param_grads(model)
+        install_fused_loss_forward(model, chunk_size=8)
+        wrapped = Wrapper(model)
+        model.zero_grad()
+        out = wrapped(**batch, fused_loss=True, num_items_in_batch=None)
+        out.loss.backward()
+        assert wrapped.calls == 1 and getattr(out, "logits", None) is None
+        torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-5, atol=1e-5)
+        _assert_grads_close(_param_grads(model), ref_grads)
+        assert int(out.num_tokens) == 2 * 15
+        assert wrapped(input_ids=input_ids).logits.shape == (2, 16, 300)
+
+
 def test_liger_glue_with_fake_kernel():
     """The CUDA/Liger branch cannot run here; check its argument/return handling against a stand-in kernel."""
     from dataclasses import dataclass
