@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval-rm":
             _eval_rm(args)
     except UserError as e:
-        print(f"error: {distributed.rank_label()}{e}", file=sys.stderr)
+        where = distributed.rank_label() if args.command == "run" else ""  # only `run` starts ranks
+        print(f"error: {where}{e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()

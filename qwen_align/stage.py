@@ -170,7 +170,8 @@ def mixed_precision_arguments(stage: StageConfig) -> dict[str, Any]:
     """TrainingArguments for the compute dtype: `bf16`/`fp16` make accelerate autocast over the fp32 weights."""
     import torch
 
-    # Without a GPU accelerate autocasts on the CPU; it never sets DeepSpeed up on a `cpu` state, so leave that be.
+    # Without GPUs, torchrun's processes are CPU ranks (gloo): unless told `use_cpu`, transformers sees no
+    # distributed launch (each rank trains alone) and refuses bf16. DeepSpeed is never set up on a `cpu` state.
     use_cpu = not torch.cuda.is_available() and launch_backend().kind != "deepspeed"
     if stage.pure_bf16:  # the weights are bf16 already; a mixed-precision backend would upcast them (FSDP2 does)
         log.warning("stage '%s': pure_bf16 trains bf16 weights and optimizer state with no float32 master copy; "
@@ -210,9 +211,6 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         dataloader_pin_memory=torch.cuda.is_available(),
         **mixed_precision_arguments(stage),
         report_to="none",
-        # Without GPUs, torchrun's processes are CPU ranks (gloo): unless told so, transformers sees no
-        # distributed launch and each rank trains alone.
-        use_cpu=not torch.cuda.is_available(),
         ddp_timeout=int(distributed.DEFAULT_TIMEOUT.total_seconds()),
     )
 

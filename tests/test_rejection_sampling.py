@@ -258,7 +258,7 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": HI, "verifier": "telepathy"}, "unknown verifier 'telepathy'"),
     ({"messages": HI, "verifier": "exact"}, "'answer'"),
     ({"messages": HI, "verifier": "math", "answer": "  "}, "'answer'"),
-    ({"messages": HI, "verifier": "regex", "pattern": "(7"}, "pattern '\\(7' is not a valid regex"),
+    ({"messages": HI, "verifier": "regex", "pattern": "(7"}, "bad pattern '\\(7': not a valid regex"),
     ({"messages": HI, "verifier": "ifeval", "instruction_id_list": ["nope:x"], "kwargs": [{}]},
      "unknown instruction id 'nope:x'"),
     ({"messages": [{"role": "assistant", "content": "7"}], "verifier": "exact", "answer": "7"}, "assistant turn"),

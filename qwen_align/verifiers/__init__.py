@@ -101,7 +101,7 @@ def row_problem(row: dict[str, Any]) -> str | None:
         try:
             re.compile(row["pattern"])
         except (re.error, TypeError) as e:
-            return f"verifier 'regex': bad pattern {row['pattern']!r} ({e})"
+            return f"verifier 'regex': bad pattern {row['pattern']!r}: not a valid regex ({e})"
     check = CHECKS[name]
     module = check.split(":")[0] if isinstance(check, str) else check.__module__
     if module == __name__:  # exact, regex: checked above
