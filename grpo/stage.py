@@ -10,6 +10,8 @@ from trl import GRPOConfig
 
 from qwen_align import distributed, lora
 from qwen_align.callbacks import training_callbacks
+from qwen_align.checkpoints.published import is_checkpoint, save_checkpoint
+from qwen_align.errors import UserError
 from qwen_align.generation import SamplingParams
 from qwen_align.model import load_model
 from qwen_align.stage import (
@@ -117,6 +119,28 @@ def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str)
     schedule.initial_round()
 
 
+def check_enough_queries(stage: Config, num_queries: int) -> None:
+    """A query set smaller than one generation batch gives the trainer no step at all; say so before any work."""
+    per_batch = stage.generation_batch(distributed.world_size()) // stage.num_generations
+    if num_queries < per_batch:
+        raise UserError(
+            f"stage '{stage.name}': {num_queries} queries, but one generation batch takes {per_batch} (per device "
+            f"{stage.per_device_train_batch_size} x {distributed.world_size()} process(es) x steps_per_generation "
+            f"{stage.steps_per_generation or stage.gradient_accumulation_steps} / num_generations "
+            f"{stage.num_generations}); give more queries or lower gradient_accumulation_steps"
+        )
+
+
+def keep_start_as_reference(model, tokenizer, context: StageContext) -> None:
+    """TRL rebuilds the KL reference (beta > 0) from the policy's checkpoint path; a preset start has none, so
+    the start is written once to `<stage>/reference` and the policy's config points there."""
+    folder = context.stage_dir / "reference"
+    with distributed.main_writes() as writer:
+        if writer and (context.resume_checkpoint is None or not is_checkpoint(folder)):
+            save_checkpoint(model, tokenizer, folder)
+    model.config._name_or_path = str(folder)
+
+
 def run(stage: Config, context: StageContext) -> StageResult:
     lora.check_runnable(stage.lora, stage.name)
     set_seed(context.seed)
@@ -124,7 +148,10 @@ def run(stage: Config, context: StageContext) -> StageResult:
     queries, data_report = load_queries(stage, context)
     print(f"[{stage.name}] {data_report['queries']} queries ({data_report['queries_with_verifier']} with a "
           f"verifier) from {data_report['query_source']}")
+    check_enough_queries(stage, len(queries))
     model = context.load_policy(stage, tokenizer)
+    if stage.beta > 0 and stage.lora is None and not is_checkpoint(context.init_source):
+        keep_start_as_reference(model, tokenizer, context)
     metrics: dict = {"data": data_report}
     if stage.task_eval is not None:  # every rank answers its share
         print(f"[{stage.name}] before GRPO:")

@@ -50,3 +50,53 @@ def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/reward_model/mean" in r and "rewards/verifier/std" in r for r in logged)
     assert any("ordering_seconds" in r for r in logged)
+
+
+def _verifier_grpo_recipe(tmp_path, tokenizer_dir, n_queries: int, **options):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"}], "verifier": "exact",
+             "answer": str(2 * i)} for i in range(n_queries)]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stage = {"name": "grpo", "kind": "grpo", "data": {"sources": [{"path": "q.jsonl"}]},
+             "rewards": [{"kind": "verifier"}], "order_by_reward_variance": False, "num_generations": 2,
+             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 2,
+             "max_completion_length": 3, "logging_steps": 1, "dtype": "float32", **options}
+    raw = {"model": "tiny", "tokenizer": str(tokenizer_dir), "run_dir": str(tmp_path / "run"), "seed": 0,
+           "stages": [stage]}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_recipe(path)
+
+
+def test_a_query_set_smaller_than_one_generation_batch_is_refused_before_training(tmp_path, demo_tokenizer_dir):
+    from qwen_align.errors import UserError
+
+    # 16 per device x 1 process / 2 generations = 8 queries per generation batch; 5 give no step at all.
+    recipe = _verifier_grpo_recipe(tmp_path, demo_tokenizer_dir, 5, per_device_train_batch_size=16)
+    with pytest.raises(UserError, match=r"5 queries, but one generation batch takes 8"):
+        run_recipe(recipe)
+    assert not (tmp_path / "run" / "grpo" / "checkpoints").exists()
+
+
+def test_kl_from_a_preset_start_keeps_the_start_as_reference(tmp_path, demo_tokenizer_dir):
+    # TRL rebuilds the KL reference from the policy's checkpoint path; a preset has none.
+    recipe = _verifier_grpo_recipe(tmp_path, demo_tokenizer_dir, 4, beta=0.04)
+    entry = run_recipe(recipe)["stages"]["grpo"]
+    assert entry["status"] == "completed" and entry["metrics"]["train_steps"] == 2
+    reference = load_model(str(tmp_path / "run" / "grpo" / "reference"), "policy")
+    start = load_model("tiny", "policy", tokenizer=load_tokenizer_dir(demo_tokenizer_dir), seed=0)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), start.state_dict().items()):
+        assert torch_equal(a, b), name
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r for r in logged if "loss" in r)  # TRL logs the KL term only when it has a reference
+
+
+def load_tokenizer_dir(path):
+    from qwen_align.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
