@@ -5,4 +5,6 @@
   stage's output so that transformers and serving engines load it.
 - `resume`: the trainer's own `checkpoint-N` folders (model, optimizer, scheduler, RNG, trainer state):
   written atomically, checked before a resume, set aside when torn.
+- `tensors`: one tensor, or a block of its rows, read from a (sharded) safetensors checkpoint without loading
+  the model (the online merging optimizers build τ_r from it shard by shard).
 """
