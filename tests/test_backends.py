@@ -100,10 +100,9 @@ def _chain(tmp_path: Path, tokenizer_dir: Path, name: str, per_device: int) -> t
     raw = {
         "model": "tiny", "tokenizer": str(tokenizer_dir), "run_dir": str(tmp_path / name), "seed": 0,
         "stages": [
-            # fused_loss calls the backbone without the root module's forward, which FSDP2 needs to unshard
-            # the embeddings (h-dist moves it inside the wrapped forward); the model's own loss path here.
+            # The fused loss runs inside the root module's forward, so FSDP2 unshards the embeddings and head.
             {"name": "sft", "kind": "sft", "data": {"sources": [{"path": str(sft_data)}]}, "packing": False,
-             "fused_loss": False, "per_device_train_batch_size": per_device, **common},
+             "per_device_train_batch_size": per_device, **common},
             {"name": "dpo", "kind": "dpo", "init_from": "sft", "data": {"sources": [{"path": str(pairs)}]},
              "optimizer": "adamw", "eval_fraction": 0.0, "per_device_train_batch_size": per_device // 2, **common},
             {"name": "rm", "kind": "reward_model", "init_from": "sft", "data": {"sources": [{"path": str(pairs)}]},
