@@ -250,14 +250,12 @@ def save_trained_model(trainer, tokenizer: PreTrainedTokenizerBase, context: Sta
 
 def output_dtype(stage: StageConfig, context: StageContext) -> str:
     """`save_dtype`; `auto` is the input checkpoint's dtype (config.json `dtype`/`torch_dtype`; a preset: fp32)."""
+    from .checkpoints.published import DTYPE_NAMES, checkpoint_dtype, is_checkpoint
+
     if stage.save_dtype != "auto":
         return stage.save_dtype
-    config = Path(context.init_source) / "config.json"
-    if config.is_file():
-        raw = json.loads(config.read_text(encoding="utf-8"))
-        dtype = raw.get("dtype") or raw.get("torch_dtype")
-        if dtype in ("float32", "bfloat16", "float16"):
-            return dtype
+    if is_checkpoint(context.init_source) and checkpoint_dtype(context.init_source) in DTYPE_NAMES:
+        return checkpoint_dtype(context.init_source)
     return "float32"
 
 
