@@ -140,8 +140,9 @@ class StageConfig(Strict):
         "auto",
         description="Dtype of the stage's output checkpoint; `auto`: the input checkpoint's (a preset: float32).",
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="`auto`: flash_attention_2 when installed on a GPU, else sdpa."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto", description="`auto`: flash_attention_2 when installed on a GPU, else sdpa. Packed rows never attend "
+        "across documents under any of them; `flex_attention` (PyTorch's) also skips the masked blocks' compute."
     )
     gradient_checkpointing: bool = Field(False, description="True trades compute for activation memory.")
     lora: LoraOptions | None = Field(None, description="Train LoRA/QLoRA adapters (peft) on a frozen base (see `lora`).")

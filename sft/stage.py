@@ -15,6 +15,7 @@ from qwen_align.stage import StageContext, StageResult, save_trained_model, trai
 
 from .config import Config
 from .dataset import tokenize_conversations
+from .packing import check_document_masking, packing_cost_note
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,11 @@ def run(stage: Config, context: StageContext) -> StageResult:
     )
     model = context.load_policy(stage, tokenizer)
     attn = model.config._attn_implementation
-    if stage.packing and "flash" not in attn:
-        log.warning("packing with %s attention: each packed row attends through a block-diagonal mask, so its cost "
-                    "grows with the square of max_length; flash_attention_2 (GPU) skips the masked blocks, and "
-                    "`packing: false` suits short examples on CPU", attn)
+    if stage.packing:
+        check_document_masking(attn)
+        note = packing_cost_note(attn)
+        if note:
+            log.warning(note)
     if stage.fused_loss:
         from .trainer import FusedLossSFTTrainer as trainer_cls
     else:
