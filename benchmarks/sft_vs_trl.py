@@ -27,15 +27,77 @@ from pathlib import Path
 VOCAB = 151_936
 
 
-def worker(impl: str, tokens: int, steps: int, gradient_checkpointing: bool, threads: int) -> dict:
+def step_timer():
+    """A TrainerCallback timing each optimizer step (CUDA synchronised); `.step_times()` lists the seconds."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps = []
+
+        def _stamp(self, kind):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.stamps.append((kind, time.perf_counter()))
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._stamp("begin")
+
+        def on_step_end(self, args, state, control, **kw):
+            self._stamp("end")
+
+        def step_times(self) -> list[float]:
+            begins = [t for k, t in self.stamps if k == "begin"]
+            ends = [t for k, t in self.stamps if k == "end"]
+            return [e - b for b, e in zip(begins, ends)]
+
+    return StepTimer()
+
+
+def random_rows(tokens: int, rows: int, high: int = 151_643, seed: int = 1) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, high, (tokens,), generator=g).tolist() for _ in range(rows)]
+
+
+def sft_steps(model, tokenizer, impl: str, tokens: int, steps: int, *, gradient_checkpointing: bool = False,
+              bf16: bool = False, callbacks=(), high: int = 151_643) -> list[float]:
+    """`steps` SFT steps of one `tokens`-long row each through TRL's SFTTrainer: `impl` is `ours` (the fused
+    chunked loss), `liger` (its Liger branch: needs CUDA and liger-kernel) or `trl` (SFTTrainer's own loss).
+    Returns each step's seconds (the first is the warm-up)."""
     import torch
     from datasets import Dataset
-    from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from qwen_align.losses import install_fused_loss_forward
+    from sft.trainer import FusedLossSFTTrainer
+
+    if impl in ("ours", "liger"):  # installed once per model; the trainer's own install then keeps this choice
+        install_fused_loss_forward(model, use_liger=impl == "liger")
+    timer = step_timer()
+    dataset = Dataset.from_dict({"input_ids": random_rows(tokens, steps, high)})
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=1, learning_rate=1e-5, max_length=tokens,
+            packing=False, assistant_only_loss=False, logging_steps=10_000, save_strategy="no", report_to="none",
+            activation_checkpointing=gradient_checkpointing, dataloader_pin_memory=False, disable_tqdm=True, seed=0,
+            bf16=bf16, use_cpu=not torch.cuda.is_available(),
+        )
+        cls = SFTTrainer if impl == "trl" else FusedLossSFTTrainer
+        trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                      callbacks=[timer, *callbacks])
+        trainer.train()
+    return timer.step_times()
+
+
+def worker(impl: str, tokens: int, steps: int, gradient_checkpointing: bool, threads: int) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from qwen_align.tokenizer import load_tokenizer
-    from sft.trainer import FusedLossSFTTrainer
 
     # SFTTrainer wants a tokenizer only for its pad id here; the demo's serves, with no download.
     tokenizer = load_tokenizer(Path(__file__).resolve().parents[1] / "recipes" / "demo_data" / "tokenizer")
@@ -48,34 +110,7 @@ def worker(impl: str, tokens: int, steps: int, gradient_checkpointing: bool, thr
     )
     config._attn_implementation = "sdpa"
     model = Qwen2ForCausalLM(config)
-    g = torch.Generator().manual_seed(1)
-    rows = [torch.randint(0, 151_643, (tokens,), generator=g).tolist() for _ in range(steps)]
-    dataset = Dataset.from_dict({"input_ids": rows})
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.stamps = []
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.stamps.append(("begin", time.perf_counter()))
-
-        def on_step_end(self, args, state, control, **kw):
-            self.stamps.append(("end", time.perf_counter()))
-
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=1, learning_rate=1e-4, max_length=tokens,
-            packing=False, assistant_only_loss=False, logging_steps=10_000, save_strategy="no", report_to="none",
-            activation_checkpointing=gradient_checkpointing, dataloader_pin_memory=False, disable_tqdm=True, seed=0,
-            bf16=False,
-        )
-        cls = FusedLossSFTTrainer if impl == "ours" else SFTTrainer
-        trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
-        trainer.train()
-    begins = [t for k, t in timer.stamps if k == "begin"]
-    ends = [t for k, t in timer.stamps if k == "end"]
-    step_times = [e - b for b, e in zip(begins, ends)][1:]  # drop the warm-up step
+    step_times = sft_steps(model, tokenizer, impl, tokens, steps, gradient_checkpointing=gradient_checkpointing)[1:]
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return {
         "impl": impl, "tokens": tokens, "step_s": sum(step_times) / len(step_times),
