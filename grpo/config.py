@@ -87,6 +87,23 @@ class Config(StageConfig):
         None, gt=0, description="Re-score and re-order the queries not yet used every N optimizer steps."
     )
     reorder_each_epoch: bool = Field(False, description="Re-score and re-order all queries at each new epoch.")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="Generation of the training batches: transformers' generate, or vLLM through "
+        "TRL's integration (`use_vllm`; needs vllm and a GPU; unmeasured here). Never chosen unless set."
+    )
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="vLLM: an engine inside each training process, or a `trl vllm-serve` server."
+    )
+    vllm_server_base_url: str | None = Field(
+        None, description="vLLM server mode: the server's URL (default: TRL's host 0.0.0.0, port 8000)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, le=1, description="vLLM colocate: share of GPU memory the engine takes (TRL's default 0.3)."
+    )
+    tensor_parallel_size: int = Field(1, gt=0, description="vLLM colocate: GPUs one engine is split across.")
+    vllm_sleep_mode: bool = Field(
+        False, description="vLLM colocate: the engine gives its memory back during the optimizer step (TRL)."
+    )
 
     @model_validator(mode="after")
     def _checks(self):
@@ -95,6 +112,8 @@ class Config(StageConfig):
         names = [r.label for r in self.rewards]
         if len(set(names)) != len(names):
             raise ValueError(f"rewards: names must be unique (got {', '.join(names)}); give `name` to tell them apart")
+        if self.backend != "vllm" and (self.vllm_server_base_url or self.vllm_mode != "colocate"):
+            raise ValueError("vllm_mode / vllm_server_base_url need `backend: vllm`")
         if not self.order_by_reward_variance and (self.reorder_every_steps or self.reorder_each_epoch):
             raise ValueError("reorder_every_steps / reorder_each_epoch need order_by_reward_variance: true")
         return self

@@ -23,6 +23,7 @@ from .ordering import OrderingSchedule
 from .queries import load_queries, reward_model_stage
 from .rewards import RewardModelReward, VerifierReward
 from .trainer import OrderedGRPOTrainer, QueryScorer, load_ordering_state
+from .vllm import check_vllm_backend, vllm_arguments
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def training_args(stage: Config, context: StageContext) -> GRPOConfig:
         max_completion_length=stage.max_completion_length,
         reward_weights=[r.weight for r in stage.rewards],
         shuffle_dataset=not stage.order_by_reward_variance,
+        **vllm_arguments(stage),
     )
 
 
@@ -158,6 +160,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
         before = context.evaluate_task(stage, model, tokenizer)
         metrics["heldout_accuracy_before"] = before.get("heldout_accuracy")
     reward_funcs = build_rewards(stage, context, tokenizer, distributed.device())
+    check_vllm_backend(stage)  # before the trainer starts TRL's engine, with the GPU's free memory handed back
     trainer, schedule = make_trainer(stage, context, model, tokenizer, queries, reward_funcs,
                                      callbacks=training_callbacks(stage, context))
     if schedule is not None:

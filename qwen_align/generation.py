@@ -10,8 +10,9 @@ One interface for every stage that generates (evaluation, rejection sampling, GR
   CI (no GPU there); written against vLLM's documented `LLM` / `SamplingParams` API. Under several
   processes each runs its own engine (`external_launcher`, one GPU per process).
 
-`backend: auto` picks vLLM when it is installed, a GPU is present and the policy is a checkpoint folder;
-transformers otherwise. A transformers sampler runs on this process's own device
+`backend: auto` picks vLLM when it is installed, a GPU is present and the policy is a checkpoint folder, and
+says so in one line; transformers otherwise. A vLLM engine starts after the process's cached GPU memory is
+released and is shut down by `Sampler.close()` (vLLM's own `cleanup_dist_env_and_memory`). A transformers sampler runs on this process's own device
 (`qwen_align.distributed.device()`: `cuda:LOCAL_RANK`, or the CPU). Sampling is seeded
 (`SamplingParams.seed`): the same seed, prompts and batch size give the same samples. `generate(...)`
 (texts only) is the older, simpler face of the same path.
@@ -160,13 +161,25 @@ def generate(
     return [[s.text for s in group] for group in samples]
 
 
+def release_accelerator_memory() -> None:
+    """Hand the memory of dead tensors back to the GPU (before an engine sizes itself by what is free)."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Sampler:
-    """Samples responses to chat prompts; see `make_sampler`."""
+    """Samples responses to chat prompts; see `make_sampler`. `close()` frees what it holds on the GPU."""
 
     backend: str = ""
 
     def sample(self, conversations: list[list[dict[str, Any]]], params: SamplingParams) -> list[list[Sample]]:
         raise NotImplementedError
+
+    def close(self) -> None:
+        release_accelerator_memory()
 
 
 class TransformersSampler(Sampler):
@@ -179,6 +192,10 @@ class TransformersSampler(Sampler):
     def sample(self, conversations, params):
         return generate_samples(self.model, self.tokenizer, conversations, params, self.batch_size, desc="sampling")
 
+    def close(self) -> None:
+        self.model = None
+        super().close()
+
 
 class VLLMSampler(Sampler):
     """vLLM's offline engine on the checkpoint folder `path`. UNTESTED here (needs vLLM and a GPU)."""
@@ -190,11 +207,23 @@ class VLLMSampler(Sampler):
         from vllm import LLM
 
         self.tokenizer = tokenizer
-        self.llm = LLM(
-            model=str(path), tokenizer=str(path), dtype=dtype, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len, **_vllm_launch_options(tensor_parallel_size),
-        )
+        release_accelerator_memory()  # vLLM takes gpu_memory_utilization of the memory that is free now
+        self.llm = LLM(**vllm_engine_arguments(path, dtype=dtype, seed=seed,
+                                               gpu_memory_utilization=gpu_memory_utilization,
+                                               tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len))
+
+    def close(self) -> None:
+        """Shut the engine down as vLLM's maintainers advise: drop it, then `cleanup_dist_env_and_memory()`
+        (which also ends vLLM's process group; under torchrun the launch's own group stays, so only memory goes)."""
+        if getattr(self, "llm", None) is None:
+            return
+        self.llm = None
+        if distributed.is_distributed():
+            super().close()
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
 
     def sample(self, conversations, params):
         from vllm import SamplingParams as VLLMParams
@@ -223,10 +252,24 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
+def vllm_engine_arguments(path: str | Path, *, dtype: str = "auto", seed: int = 0, gpu_memory_utilization: float = 0.9,
+                          tensor_parallel_size: int = 1, max_model_len: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of `vllm.LLM(...)` for the checkpoint folder `path` (its tokenizer travels with it)."""
+    return dict(model=str(path), tokenizer=str(path), dtype=dtype, seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                max_model_len=max_model_len, **_vllm_launch_options(tensor_parallel_size))
+
+
 def resolve_backend(backend: Backend, source: str) -> str:
-    """`auto`: vLLM when installed on a GPU and `source` is a checkpoint folder; transformers otherwise."""
+    """`auto`: vLLM when installed on a GPU and `source` is a checkpoint folder (said in one line); transformers
+    otherwise."""
     if backend == "auto":
-        return "vllm" if vllm_available() and (Path(source) / "config.json").is_file() else "transformers"
+        if vllm_available() and (Path(source) / "config.json").is_file():
+            if distributed.is_main():
+                print("backend: auto picked vLLM (installed, and a GPU is present); set `backend: transformers` "
+                      "to sample with transformers instead")
+            return "vllm"
+        return "transformers"
     if backend == "vllm" and not vllm_available():
         raise UserError("backend: vllm needs the vllm package and a CUDA GPU (pip install -e '.[gpu]'); use auto or transformers")
     return backend

@@ -84,19 +84,20 @@ class Plan:
             rs_preset="0.5b", rs_prompts=256, rs_samples=8, rs_new_tokens=128,
             rm_preset="0.5b", rm_max_length=2048, rm_batch=16,
             pack_preset="0.5b", pack_length=8192, pack_docs=64, bf16=True,
-            estimates={"sft:8192": 20, "sft:32768": 40, "grpo": 120, "rejection_sampling": 60, "eval_rm": 40,
-                       "packing": 45},
+            # First guesses, not readings: a row starts only if its estimate fits what is left of the budget.
+            estimates={"sft:8192": 15, "sft:32768": 25, "grpo": 90, "rejection_sampling": 45, "eval_rm": 30,
+                       "packing": 40},
         )
 
     @staticmethod
     def smoke() -> Plan:
         return Plan(
-            device="cpu", sft_presets=["tiny"], sft_lengths=[64, 128], sft_losses=["ours", "liger", "trl"],
-            sft_steps=1, checkpointing_from=128, checkpoint_presets=["tiny"],
+            device="cpu", sft_presets=["tiny"], sft_lengths=[32, 64], sft_losses=["ours", "liger", "trl"],
+            sft_steps=1, checkpointing_from=64, checkpoint_presets=["tiny"],
             grpo_preset="tiny", grpo_steps=2, grpo_batch=16, grpo_completion=8,
             rs_preset="tiny", rs_prompts=16, rs_samples=4, rs_new_tokens=8,
             rm_preset="tiny", rm_max_length=128, rm_batch=16,
-            pack_preset="tiny", pack_length=256, pack_docs=12, bf16=True,
+            pack_preset="tiny", pack_length=128, pack_docs=8, bf16=True,
             estimates={},
         )
 
@@ -427,7 +428,9 @@ def measurements(plan: Plan, tok, work: Path, rmb: Path | None) -> list[tuple[st
     return steps
 
 
-def run(plan: Plan, budget: Budget, rmb: Path | None, peak_tflops: float) -> list[dict]:
+def run(plan: Plan, budget: Budget, rmb: Path | None, peak_tflops: float,
+        on_row: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Every measurement's rows; `on_row(rows so far)` after each, so a run killed at its limit keeps its JSON."""
     tok = tokenizer()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -453,6 +456,7 @@ def run(plan: Plan, budget: Budget, rmb: Path | None, peak_tflops: float) -> lis
                 rows.append(r)
                 print(f"[{section} {sub_case}] {r['status']} {r.get('note') or r.get('error') or ''}", flush=True)
             free(plan.device)
+            on_row(rows)
     return rows
 
 
@@ -514,13 +518,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     random.seed(0)
-    rows = run(plan, budget, args.rmb, args.peak_tflops)
-    report = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "environment": environment(plan),
-              "peak_tflops": args.peak_tflops, "elapsed_s": budget.elapsed(), "rows": rows}
     from qwen_align.fsutil import atomic_write_json
 
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.json, report)
+    report = {"mode": "cpu-smoke" if args.cpu_smoke else "gpu", "environment": environment(plan),
+              "peak_tflops": args.peak_tflops, "budget_s": args.budget_s, "elapsed_s": 0.0, "rows": []}
+
+    def write(rows: list[dict]) -> None:
+        atomic_write_json(args.json, {**report, "elapsed_s": budget.elapsed(), "rows": rows})
+
+    rows = run(plan, budget, args.rmb, args.peak_tflops, on_row=write)
+    write(rows)
     label = "CPU SMOKE (tiny shapes; not GPU numbers)" if args.cpu_smoke else f"GPU check on {report['environment'].get('gpu')}"
     print(f"\n{label}, {budget.elapsed():.0f} s, MFU against {args.peak_tflops:g} TFLOP/s\n")
     print(table(rows))

@@ -80,6 +80,15 @@ class ChunkRunner:
             )
         return self._sampler
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """The sampler (a vLLM engine, or the policy on the GPU) is shut down once this rank's chunks are done."""
+        if self._sampler is not None:
+            self._sampler.close()
+            self._sampler = None
+
     def _policy(self):
         return self.context.load_policy(self.stage, self.tokenizer)  # make_sampler puts it on this rank's device
 
@@ -296,7 +305,7 @@ def _sample_chunks(stage: Config, context: StageContext, rows: list[dict], chunk
     runner = ChunkRunner(stage, context, context.tokenizer())
     share = sum(len(rows[c * size : (c + 1) * size]) for c in chunks)
     desc = f"[{stage.name}] queries" + (", rank 0's share" if distributed.is_distributed() else "")
-    with tqdm(total=share, desc=desc, unit="query", disable=not distributed.is_main()) as bar:
+    with runner, tqdm(total=share, desc=desc, unit="query", disable=not distributed.is_main()) as bar:
         for c in chunks:
             chunk_rows = rows[c * size : (c + 1) * size]
             pairs, sft, stats = runner.run(chunk_rows, c)
