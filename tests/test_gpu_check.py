@@ -85,3 +85,19 @@ def test_flops_formula_counts_matmuls_and_causal_attention():
     n = 2 * per_layer + 100 * 16
     assert check.matmul_weights(model) == n
     assert check.train_flops(model, [10, 30]) == 6 * n * 40 + 6 * 2 * 16 * (10 * 10 + 30 * 30)
+
+
+def test_gpu_plan_covers_the_issue_and_runs_32k_last(tmp_path):
+    check = load_check()
+    plan = check.Plan.gpu()
+    steps = check.measurements(plan, tok=None, work=tmp_path, rmb=None)
+    cases = [(section, case) for section, case, _, _ in steps]
+    sft = [c for s, c in cases if s == "sft"]
+    assert sorted(sft) == sorted(f"{p} {n} {loss}" for p in ("0.5b", "1.5b") for n in (8192, 32768)
+                                 for loss in ("ours", "liger", "trl"))
+    assert [s for s, _ in cases if s != "sft"] == ["grpo", "rejection_sampling", "eval_rm", "packing"]
+    assert all("32768" in c for _, c in cases[-6:])  # what a tight budget skips is the longest
+    assert ("grpo", "0.5b 20 steps") in cases and ("rejection_sampling", "0.5b 256x8") in cases
+    assert all(key in plan.estimates for _, _, key, _ in steps)
+    budget = check.Budget(10.0)
+    assert budget.fits(5.0) and not budget.fits(11.0)

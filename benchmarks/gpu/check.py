@@ -179,7 +179,8 @@ def grad_check_callback():
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             self.seen += bool(grads)
-            self.ok = self.ok and bool(grads) and all(bool(torch.isfinite(g).all()) for g in grads)
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else False
+            self.ok = self.ok and finite  # one device sync per step
 
     return FiniteGrads()
 
