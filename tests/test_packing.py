@@ -105,3 +105,20 @@ def test_packing_notes_and_guard(monkeypatch):
     with pytest.raises(UserError, match="packed documents would attend to each other"):
         check_document_masking("sdpa")
     check_document_masking("flash_attention_2")  # flash-attention reads the boundaries itself
+
+
+def test_sft_stage_packs_and_says_what_dense_masks_cost(small_sft_recipe, caplog):
+    import logging
+
+    from qwen_align.recipe import validate_recipe
+    from qwen_align.runner import run_recipe
+
+    _, raw = small_sft_recipe
+    stage = raw["stages"][0]
+    stage.update(packing=True, max_length=256, max_steps=1, attn_implementation="sdpa")
+    stage.pop("task_eval")
+    with caplog.at_level(logging.WARNING, logger="sft.stage"):
+        manifest = run_recipe(validate_recipe(raw, "recipe.yaml"))
+    entry = manifest["stages"]["sft"]
+    assert entry["status"] == "completed" and entry["metrics"]["train_steps"] == 1
+    assert any("attn_implementation: flex_attention" in r.getMessage() for r in caplog.records)
