@@ -90,14 +90,15 @@ def _prompt(question: str, system: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
-def build_rows(seed: int = 0, n_math: int = 6000, n_code: int = 400) -> dict[str, list[dict[str, Any]]]:
+def build_rows(seed: int = 0, n_math: int = 6000, n_code: int = 400, n_heldout: int = 1000,
+               n_prompts: int = 2048) -> dict[str, list[dict[str, Any]]]:
     rng = random.Random(seed)
     taken_math: set[str] = set()
     taken_code: set[str] = set()
     # Held-out first, so training never sees those problems.
     heldout = [
         {"messages": _prompt(q, SYSTEM_PROMPTS[0]), "verifier": "exact", "answer": str(a), "family": "arithmetic"}
-        for q, a, _ in _unique(_math_problem, rng, 200, taken_math)
+        for q, a, _ in _unique(_math_problem, rng, n_heldout, taken_math)
     ]
     heldout_code = [
         {"messages": _prompt(q, CODE_SYSTEM_PROMPT), "verifier": "code", "tests": t, "entry_point": f,
@@ -106,7 +107,7 @@ def build_rows(seed: int = 0, n_math: int = 6000, n_code: int = 400) -> dict[str
     ]
     prompts = [
         {"messages": _prompt(q, SYSTEM_PROMPTS[0]), "verifier": "exact", "answer": str(a), "family": "arithmetic"}
-        for q, a, _ in _unique(_math_problem, rng, 1024, taken_math)
+        for q, a, _ in _unique(_math_problem, rng, n_prompts, taken_math)
     ]
     sft = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": str(a)}]}
