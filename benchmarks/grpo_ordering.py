@@ -199,7 +199,8 @@ def main():
         rs = [r for r in runs if r["arm"] == arm]
         mean = lambda key: sum(key(r) for r in rs) / len(rs)  # noqa: E731
         print(f"{arm:8s} mean held-out {mean(lambda r: r['start_accuracy']):.1%} -> "
-              f"{mean(lambda r: r['accuracy'][-1][1]):.1%}, zero-std groups {mean(lambda r: r['zero_std_fraction']):.0%}, "
+              f"{mean(lambda r: r['accuracy'][-1][1]):.1%}, "
+              f"zero-std groups {mean(lambda r: r['zero_std_fraction']):.0%}, "
               f"ordering {mean(lambda r: r['ordering_s']):.1f} s of {mean(lambda r: r['train_s']):.1f} s training, "
               f"{mean(lambda r: r['ordering_only']):.0f} samples not trained on")
     low = [r["low_variance_queries"] for r in runs if r["arm"] == "ordered"]

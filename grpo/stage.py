@@ -108,7 +108,8 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
     return trainer, schedule
 
 
-def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str, cache: RolloutCache | None = None) -> None:
+def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str,
+                   cache: RolloutCache | None = None) -> None:
     """A fresh run ranks the queries now; a resumed one takes the schedule (and rollout cache) saved in its
     checkpoint."""
     state = load_ordering_state(context.resume_checkpoint) if context.resume_checkpoint else None

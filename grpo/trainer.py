@@ -211,7 +211,8 @@ class QueryScorer:
             if values:
                 mean = sum(values) / len(values)
                 self.last_reward_stats[f"{f.__name__}/mean"] = mean
-                self.last_reward_stats[f"{f.__name__}/std"] = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+                variance = sum((v - mean) ** 2 for v in values) / len(values)
+                self.last_reward_stats[f"{f.__name__}/std"] = variance**0.5
         return scores
 
     def _batch_seed(self, batch: list[int]) -> int:

@@ -125,7 +125,8 @@ def test_ordering_costs_no_rollout_training_does_not_use(tmp_path, demo_tokenize
             ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
             mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
             with torch.no_grad():
-                now, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, out["completion_ids"].size(1))
+                now, _, _ = trainer._get_per_token_logps_and_entropies(
+                    trainer.model, ids, mask, out["completion_ids"].size(1))
             m = out["completion_mask"].bool()
             first_logps_gap.append((now[m] - out["old_per_token_logps"][m]).abs().max().item())
         return out
