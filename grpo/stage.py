@@ -124,6 +124,8 @@ def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str,
         log.warning("%s holds no ordering state; ranking the queries again with the resumed weights",
                     context.resume_checkpoint)
     schedule.initial_round()
+    if cache is not None:
+        cache.keep_only(schedule.active)  # `drop` left some queries out: their samples are never trained on
 
 
 def ordering_metrics(schedule: OrderingSchedule, trainer: OrderedGRPOTrainer, runtime: float,

@@ -63,6 +63,11 @@ class RolloutCache:
         self.trained += len(batch_ids)
         return rows[first : first + count]
 
+    def keep_only(self, query_ids) -> None:
+        """Forget the samples of queries training will not use (dropped by the low-variance policy)."""
+        keep = set(query_ids)
+        self.groups = {q: g for q, g in self.groups.items() if q in keep}
+
     @property
     def ordering_only(self) -> int:
         """Samples drawn for ordering that no training step used (so far)."""
