@@ -112,6 +112,9 @@ def test_rollout_cache_serves_whole_generation_batches_only():
     cache.put(5, [([51, 52], [-1.0, -2.0])])
     restored.load_state_dict(json.loads(json.dumps(cache.state_dict())))
     assert restored.groups == cache.groups and restored.generated == 7 and restored.trained == 4
+    restored.put(6, [([61], [-0.7])])
+    restored.keep_only([6])  # `drop` left 5 out of training
+    assert list(restored.groups) == [6] and restored.ordering_only == 4
 
 
 def test_sampler_has_trl_layout():
