@@ -4,8 +4,8 @@ Same policy start, same query set, same number of rollouts per arm: the ordered 
 ordering pass's samples and re-ranks from the training rollouts (the stage's defaults), so it samples nothing
 the shuffled arm does not. Per arm and seed: the training reward (verifier pass rate of the sampled responses)
 and the held-out greedy accuracy against samples consumed, and the samples needed to reach a target held-out
-accuracy. `--stale` adds the older arm (one ordering made before training, replayed every pass, its samples
-not trained on: extra rollouts).
+accuracy. `--arms ... stale` adds the older arm (one ordering made before training, replayed every pass, its
+samples not trained on: extra rollouts); `no-cache` is the ordered arm without training on its samples.
 
 `--hard N --easy M` mix N unanswerable (6-digit products: every sample fails) and M trivial (repeat a number:
 every sample passes) queries into the set: the regime where many groups give GRPO no gradient, which is what
@@ -95,6 +95,7 @@ ARMS = {  # arm: the stage keys it sets
     "ordered": {"order_by_reward_variance": True},
     "shuffled": {"order_by_reward_variance": False},
     "stale": {"order_by_reward_variance": True, "reorder_each_epoch": False, "train_on_ordering_samples": False},
+    "no-cache": {"order_by_reward_variance": True, "train_on_ordering_samples": False},
 }
 
 
@@ -150,7 +151,9 @@ def main():
     p.add_argument("--queries", type=int, default=256, help="demo prompts in the query set")
     p.add_argument("--hard", type=int, default=0, help="add this many unanswerable queries")
     p.add_argument("--easy", type=int, default=0, help="add this many trivial queries")
-    p.add_argument("--stale", action="store_true", help="add the one-ordering-before-training arm")
+    p.add_argument("--arms", nargs="+", default=["ordered", "shuffled"], choices=list(ARMS),
+                   help="ordered (the defaults), shuffled, stale (one ordering before training, replayed every "
+                   "pass, its samples not trained on), no-cache (ordered, its samples not trained on)")
     p.add_argument("--low-variance-policy", default="last", choices=["last", "drop", "rescore"])
     p.add_argument("--queries-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -162,7 +165,7 @@ def main():
     torch.set_num_threads(args.threads)
     heldout = load_eval_rows(str(DEMO / "heldout.jsonl"), args.heldout)
     runs = []
-    arms = ["ordered", "shuffled"] + (["stale"] if args.stale else [])
+    arms = args.arms
     with tempfile.TemporaryDirectory() as tmp:
         queries_path = query_set(args, tmp)
         for seed in args.seeds:
@@ -179,7 +182,7 @@ def main():
     ratios_acc, ratios_rew = [], []
     for seed in args.seeds:
         group = {r["arm"]: r for r in runs if r["seed"] == seed}
-        start = group["ordered"]["start_accuracy"]
+        start = next(iter(group.values()))["start_accuracy"]
         target_acc = start + 0.5 * (max(v for r in group.values() for _, v in r["accuracy"]) - start)
         target_rew = 0.9 * max(v for r in group.values() for _, v in smooth(r["reward"]))
         got = {}
@@ -188,7 +191,7 @@ def main():
             print(f"{seed:4d}  {arm:8s}  {str(got[arm][0]):>8s} (>= {target_acc:.1%})   "
                   f"{str(got[arm][1]):>8s} (>= {target_rew:.3f})")
         for i, ratios in ((0, ratios_acc), (1, ratios_rew)):
-            o, s = got["ordered"][i], got["shuffled"][i]
+            o, s = got.get("ordered", (None, None))[i], got.get("shuffled", (None, None))[i]
             if o and s:
                 ratios.append(o / s)
     for name, ratios in (("held-out accuracy", ratios_acc), ("training reward", ratios_rew)):
@@ -203,8 +206,9 @@ def main():
               f"zero-std groups {mean(lambda r: r['zero_std_fraction']):.0%}, "
               f"ordering {mean(lambda r: r['ordering_s']):.1f} s of {mean(lambda r: r['train_s']):.1f} s training, "
               f"{mean(lambda r: r['ordering_only']):.0f} samples not trained on")
-    low = [r["low_variance_queries"] for r in runs if r["arm"] == "ordered"]
-    print(f"{low[0]} of {runs[0]['queries']} queries zero-variance at the start (seed {args.seeds[0]})")
+    low = [r["low_variance_queries"] for r in runs if r["low_variance_queries"] is not None]
+    if low:
+        print(f"{low[0]} of {runs[0]['queries']} queries zero-variance at the start (seed {args.seeds[0]})")
     if args.out:
         Path(args.out).write_text(json.dumps(runs, indent=1))
 
