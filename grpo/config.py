@@ -74,7 +74,12 @@ class Config(StageConfig):
     )
     order_by_reward_variance: bool = Field(True, description="Report: highest reward variance first; false: shuffled.")
     ordering_samples: int | None = Field(
-        None, ge=2, description="Responses per query in an ordering pass; default: num_generations."
+        None, ge=2, description="Responses per query in an ordering pass; default: num_generations (the only value "
+        "train_on_ordering_samples allows)."
+    )
+    train_on_ordering_samples: bool = Field(
+        True, description="Train on the ordering pass's samples (with their sampling log-probs, TRL's importance "
+        "ratio correcting for their age) instead of generating those queries again: ordering costs no extra rollout."
     )
     ordering_batch_size: int = Field(64, gt=0, description="Prompts generated at once in an ordering pass.")
     variance_epsilon: float = Field(
@@ -84,9 +89,13 @@ class Config(StageConfig):
         "last", description="Low-variance queries: train on them last, drop them, or re-score them when reached."
     )
     reorder_every_steps: int | None = Field(
-        None, gt=0, description="Re-score and re-order the queries not yet used every N optimizer steps."
+        None, gt=0, description="Re-rank the queries not yet used in the pass every N optimizer steps."
     )
-    reorder_each_epoch: bool = Field(False, description="Re-score and re-order all queries at each new epoch.")
+    reorder_each_epoch: bool = Field(True, description="Re-rank all queries at each new pass over the query set.")
+    reorder_source: Literal["rollouts", "ordering_pass"] = Field(
+        "rollouts", description="Re-rank by each query's reward variance in its latest training rollouts (no "
+        "sampling), or sample the queries again (ordering_pass)."
+    )
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="Generation of the training batches: transformers' generate, or vLLM through "
         "TRL's integration (`use_vllm`; needs vllm and a GPU; unmeasured here). Never chosen unless set."
@@ -114,8 +123,15 @@ class Config(StageConfig):
             raise ValueError(f"rewards: names must be unique (got {', '.join(names)}); give `name` to tell them apart")
         if self.backend != "vllm" and (self.vllm_server_base_url or self.vllm_mode != "colocate"):
             raise ValueError("vllm_mode / vllm_server_base_url need `backend: vllm`")
-        if not self.order_by_reward_variance and (self.reorder_every_steps or self.reorder_each_epoch):
+        explicit_epoch = "reorder_each_epoch" in self.model_fields_set and self.reorder_each_epoch
+        if not self.order_by_reward_variance and (self.reorder_every_steps or explicit_epoch):
             raise ValueError("reorder_every_steps / reorder_each_epoch need order_by_reward_variance: true")
+        if (self.order_by_reward_variance and self.train_on_ordering_samples and self.ordering_samples is not None
+                and self.ordering_samples != self.num_generations):
+            raise ValueError(f"ordering_samples {self.ordering_samples} != num_generations {self.num_generations}: "
+                             "the ordering pass's samples are trained on (train_on_ordering_samples: true), so it "
+                             "samples num_generations per query; drop ordering_samples or set "
+                             "train_on_ordering_samples: false")
         return self
 
     # ------------------------------------------------------------ batch arithmetic

@@ -1,15 +1,21 @@
 """Reward-variance ordering of the query set, and the schedule the training sampler follows.
 
-An ordering *round* samples k responses per query with the current policy, scores them with the stage's
-rewards and ranks the queries by the variance of their (weighted) reward, highest first: a query whose
-responses all score alike gives GRPO no advantage, hence no gradient. Queries at or below `epsilon` follow
-the low-variance policy: `last` (ranked after all others), `drop` (left out of training), `rescore`
-(ranked last, and scored again with the then-current policy when the sampler reaches them).
+The *initial round* samples `num_generations` responses per query with the step-0 policy, scores them with the
+stage's rewards and ranks the queries by the variance of their (weighted) reward, highest first: a query whose
+responses all score alike gives GRPO no advantage, hence no gradient. After that the schedule keeps a per-query
+estimate from the training rollouts themselves (`observe`: the latest generation batch's variance of each query,
+with the step it was measured at), and later rounds (`reorder_each_epoch`, `reorder_every_steps`) re-rank the
+queries not yet used in the pass by their latest estimate, without sampling (`source: rollouts`); a query with
+no rollout estimate yet keeps its initial score. `source: ordering_pass` samples again instead (the older way).
 
-The schedule hands the sampler one generation batch of queries (a *chunk*) at a time, so a re-ordering
-every N steps or each epoch changes what the trainer consumes from the next chunk on. Every round is saved
-to `ordering.json` in the stage folder (atomically): per query its id, variance, mean and position in the
-pass, which is exactly the order the trainer consumes.
+Queries at or below `epsilon` follow the low-variance policy: `last` (ranked after all others), `drop` (left
+out of training), `rescore` (ranked last, and sampled again with the then-current policy when the sampler
+reaches them). Every sample a round draws can be trained on (the trainer's rollout cache, `needs_samples`).
+
+The schedule hands the sampler one generation batch of queries (a *chunk*) at a time, so a re-ordering changes
+what the trainer consumes from the next chunk on. Every round is saved to `ordering.json` in the stage folder
+(atomically): per query its id, variance, mean, position in the pass, where its score came from and the step
+it was measured at -- exactly the order the trainer consumes.
 """
 
 from __future__ import annotations
@@ -55,13 +61,17 @@ Scorer = Callable[[list[int]], list[QueryScore]]
 class OrderingSchedule:
     """Which queries each generation batch takes, pass after pass, re-ranked by reward variance when due.
 
-    `scorer(query_ids)` samples and scores those queries with the current policy.
+    `scorer(query_ids)` samples and scores those queries with the current policy; `source` says whether rounds
+    after the initial one rank by the training rollouts' estimates ("rollouts") or sample again ("ordering_pass").
+    `needs_samples(query_id)`: whether the trainer lacks samples to train that query on (a rescore samples those
+    of the chunk it reaches too, so the chunk is trained on what the rescore drew). `clock()`: the optimizer step.
     """
 
     def __init__(
         self, num_queries: int, queries_per_chunk: int, scorer: Scorer, *,
         epsilon: float = 1e-6, policy: str = "last", reorder_every_chunks: int | None = None,
-        reorder_each_epoch: bool = False, artifact: Path | None = None, on_round=None,
+        reorder_each_epoch: bool = False, artifact: Path | None = None, on_round=None, source: str = "rollouts",
+        needs_samples: Callable[[int], bool] | None = None, clock: Callable[[], int] | None = None,
     ):
         self.num_queries = num_queries
         self.queries_per_chunk = queries_per_chunk
@@ -72,6 +82,11 @@ class OrderingSchedule:
         self.reorder_each_epoch = reorder_each_epoch
         self.artifact = artifact
         self.on_round = on_round  # called with each round's summary (metrics)
+        self.source = source
+        self.needs_samples = needs_samples or (lambda query_id: False)
+        self.clock = clock or (lambda: 0)
+        # Per query, the latest score: {variance, mean, source, step, chunk, samples}.
+        self.latest: dict[int, dict] = {}
         self.active = list(range(num_queries))  # queries training may use (drop removes some)
         self.ranking: list[int] = []  # the current pass's order
         self.low: set[int] = set()
@@ -110,9 +125,12 @@ class OrderingSchedule:
                 self._save()
 
     def _round(self, query_ids: list[int], start: int, reason: str) -> None:
-        """Score `query_ids` and rank them into the pass from position `start` on."""
+        """Score `query_ids` (sampling, or from the rollout estimates) and rank them into the pass from `start` on."""
         t0 = time.perf_counter()
-        scores = self.scorer(query_ids)
+        if reason == "initial" or self.source == "ordering_pass":
+            source, scores = "ordering_pass", self._sample(query_ids)
+        else:
+            source, scores = "rollouts", [self._latest_score(q) for q in query_ids]
         seconds = time.perf_counter() - t0
         self.seconds += seconds
         high, low = rank(scores, self.epsilon)
@@ -120,25 +138,50 @@ class OrderingSchedule:
         ordered = high + low
         self.ranking = self.ranking[:start] + [s.query_id for s in ordered]
         summary = {
-            "round": len(self.rounds), "reason": reason, "epoch": max(self.epoch, 0), "chunk": self.chunks_done,
-            "start_position": start, "scored": len(scores), "low_variance": len(low), "seconds": round(seconds, 3),
+            "round": len(self.rounds), "reason": reason, "source": source, "epoch": max(self.epoch, 0),
+            "chunk": self.chunks_done, "step": self.clock(), "start_position": start, "scored": len(scores),
+            "low_variance": len(low), "seconds": round(seconds, 3),
         }
-        self.rounds.append({**summary, "queries": [
-            {"query_id": s.query_id, "variance": s.variance, "mean": s.mean, "position": start + i,
-             "low_variance": s.variance <= self.epsilon}
-            for i, s in enumerate(ordered)
-        ]})
+        self.rounds.append({**summary, "queries": [self._entry(s.query_id, start + i) for i, s in enumerate(ordered)]})
         self.last_round_chunk = self.chunks_done
         self._save()
         if self.on_round:
             self.on_round(summary)
+
+    def _sample(self, query_ids: list[int]) -> list[QueryScore]:
+        """The scorer's scores, remembered as each query's latest (source `ordering_pass`)."""
+        scores = self.scorer(query_ids)
+        for s in scores:
+            self._remember(s, "ordering_pass", self.clock(), samples=None)
+        return scores
+
+    def observe(self, scores: list[QueryScore], step: int, samples: int) -> None:
+        """Scores of the queries one training generation batch sampled (`samples` responses each) at `step`."""
+        for s in scores:
+            self._remember(s, "rollouts", step, samples)
+
+    def _remember(self, score: QueryScore, source: str, step: int, samples: int | None) -> None:
+        self.latest[score.query_id] = {"variance": score.variance, "mean": score.mean, "source": source,
+                                       "step": step, "chunk": self.chunks_done, "samples": samples}
+
+    def _latest_score(self, query_id: int) -> QueryScore:
+        e = self.latest.get(query_id)
+        return QueryScore(query_id, math.nan, math.nan) if e is None else QueryScore(query_id, e["mean"], e["variance"])
+
+    def _entry(self, query_id: int, position: int) -> dict:
+        e = self.latest.get(query_id) or {"variance": math.nan, "mean": math.nan, "source": None, "step": None,
+                                          "samples": None}
+        return {"query_id": query_id, "variance": e["variance"], "mean": e["mean"], "position": position,
+                "low_variance": query_id in self.low, "source": e["source"], "step": e["step"],
+                "samples": e["samples"]}
 
     def _save(self) -> None:
         if self.artifact is None:
             return
         atomic_write_json(self.artifact, {
             "num_queries": self.num_queries, "queries_per_chunk": self.queries_per_chunk, "epsilon": self.epsilon,
-            "low_variance_policy": self.policy, "ordering_seconds": round(self.seconds, 3), "rounds": self.rounds,
+            "low_variance_policy": self.policy, "source": self.source, "ordering_seconds": round(self.seconds, 3),
+            "rounds": self.rounds,
         })
 
     # ------------------------------------------------------------ passes
@@ -184,16 +227,18 @@ class OrderingSchedule:
             self._round(self.ranking[pos:], start=pos, reason="every_steps")
         if self.policy == "rescore":
             size = self.queries_per_chunk
-            stale = [q for q in self.ranking[pos : pos + size] if q in self.low and q not in self.rescored]
+            chunk = self.ranking[pos : pos + size]
+            stale = [q for q in chunk if q in self.low and q not in self.rescored]
             if stale:
                 rest_low = [q for q in self.ranking[pos:] if q in self.low and q not in self.rescored]
                 self.rescored |= set(rest_low)
-                self._rescore(pos, rest_low)
+                unsampled = [q for q in chunk if q not in self.low and self.needs_samples(q)]
+                self._rescore(pos, rest_low, unsampled)
 
     # ------------------------------------------------------------ resume
 
     STATE_FIELDS = ("active", "ranking", "rounds", "seconds", "epoch", "chunks_done", "last_round_chunk",
-                    "pass_yielded", "pass_consumed")
+                    "pass_yielded", "pass_consumed")  # plus low, rescored and latest (JSON wants string keys)
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to consume what this one would have (JSON-serialisable)."""
@@ -201,6 +246,7 @@ class OrderingSchedule:
             "num_queries": self.num_queries, "queries_per_chunk": self.queries_per_chunk,
             **{name: getattr(self, name) for name in self.STATE_FIELDS},
             "low": sorted(self.low), "rescored": sorted(self.rescored),
+            "latest": [{"query_id": q, **e} for q, e in sorted(self.latest.items())],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -210,6 +256,7 @@ class OrderingSchedule:
         for name in self.STATE_FIELDS:
             setattr(self, name, state[name])
         self.low, self.rescored = set(state["low"]), set(state["rescored"])
+        self.latest = {e["query_id"]: {k: v for k, v in e.items() if k != "query_id"} for e in state.get("latest", [])}
         self._resuming = True
         self._save()  # ordering.json again holds only the rounds of the run being continued
 
@@ -217,11 +264,13 @@ class OrderingSchedule:
         n = self.reorder_every_chunks
         return bool(n) and self.chunks_done - self.last_round_chunk >= n
 
-    def _rescore(self, pos: int, stale: list[int]) -> None:
-        """Score the remaining low-variance queries again; those that now vary move ahead of the still-low."""
+    def _rescore(self, pos: int, stale: list[int], unsampled: list[int]) -> None:
+        """Sample the remaining low-variance queries again; those that now vary move ahead of the still-low.
+        `unsampled`: the reached chunk's other queries the trainer has no samples for, sampled alongside so
+        the whole chunk trains on what this round drew (their scores refresh; their places stay)."""
         keep = [q for q in self.ranking[pos:] if q not in set(stale)]
         t0 = time.perf_counter()
-        scores = self.scorer(stale)
+        scores = self._sample(stale + unsampled)[: len(stale)]
         seconds = time.perf_counter() - t0
         self.seconds += seconds
         high, low = rank(scores, self.epsilon)
@@ -232,28 +281,16 @@ class OrderingSchedule:
         varying = [q for q in keep if q not in self.low]
         flat = [q for q in keep if q in self.low]
         self.ranking = self.ranking[:pos] + varying + moved + flat + still
-        by_id = {s.query_id: s for s in scores}
-        prior = self._latest_scores()
         summary = {
-            "round": len(self.rounds), "reason": "rescore", "epoch": self.epoch, "chunk": self.chunks_done,
-            "start_position": pos, "scored": len(scores), "low_variance": len(low), "seconds": round(seconds, 3),
+            "round": len(self.rounds), "reason": "rescore", "source": "ordering_pass", "epoch": self.epoch,
+            "chunk": self.chunks_done, "step": self.clock(), "start_position": pos,
+            "scored": len(stale) + len(unsampled), "low_variance": len(low), "seconds": round(seconds, 3),
         }
-        entries = []
-        for i, q in enumerate(self.ranking[pos:]):
-            s = by_id.get(q) or prior.get(q) or QueryScore(q, math.nan, math.nan)
-            entries.append({"query_id": q, "variance": s.variance, "mean": s.mean, "position": pos + i,
-                            "low_variance": q in self.low})
+        entries = [self._entry(q, pos + i) for i, q in enumerate(self.ranking[pos:])]
         self.rounds.append({**summary, "queries": entries})
         self._save()
         if self.on_round:
             self.on_round(summary)
-
-    def _latest_scores(self) -> dict[int, QueryScore]:
-        latest: dict[int, QueryScore] = {}
-        for r in self.rounds:
-            for e in r["queries"]:
-                latest[e["query_id"]] = QueryScore(e["query_id"], e["mean"], e["variance"])
-        return latest
 
 
 def consumed_order(artifact: dict, pass_length: int, passes: int) -> list[int]:

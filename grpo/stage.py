@@ -12,7 +12,6 @@ from qwen_align import distributed, lora
 from qwen_align.callbacks import training_callbacks
 from qwen_align.checkpoints.published import is_checkpoint, save_checkpoint
 from qwen_align.errors import UserError
-from qwen_align.generation import SamplingParams
 from qwen_align.model import load_model
 from qwen_align.stage import (
     StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
@@ -22,7 +21,7 @@ from .config import Config
 from .ordering import OrderingSchedule
 from .queries import load_queries, reward_model_stage
 from .rewards import RewardModelReward, VerifierReward
-from .trainer import OrderedGRPOTrainer, QueryScorer, load_ordering_state
+from .trainer import OrderedGRPOTrainer, QueryScorer, RolloutCache, load_ordering_state
 from .vllm import check_vllm_backend, vllm_arguments
 
 log = logging.getLogger(__name__)
@@ -76,42 +75,50 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
     """The trainer, and (ordered stages) its ordering schedule, bound to the trainer's policy."""
     args = training_args(stage, context)
     dataset = Dataset.from_list(queries)
-    schedule = scorer = None
+    schedule = scorer = cache = None
     if stage.order_by_reward_variance:
+        cache = RolloutCache() if stage.train_on_ordering_samples else None
         scorer = QueryScorer(
             queries, tokenizer, reward_funcs, [r.weight for r in stage.rewards],
-            SamplingParams(max_new_tokens=stage.max_completion_length, temperature=stage.temperature,
-                           top_p=stage.top_p, num_return_sequences=stage.ordering_samples or stage.num_generations),
-            batch_size=stage.ordering_batch_size, seed=context.seed,
+            num_samples=stage.ordering_samples or stage.num_generations, batch_size=stage.ordering_batch_size,
+            seed=context.seed, cache=cache,
         )
 
         def on_round(summary):
-            stats = {f"ordering/{k}": v for k, v in scorer.last_reward_stats.items()}
+            sampled = summary["source"] != "rollouts"
+            stats = {f"ordering/{k}": v for k, v in scorer.last_reward_stats.items()} if sampled else {}
             context.log_metrics({"stage": stage.name, **{f"ordering_{k}": v for k, v in summary.items()}, **stats})
-            print(f"[{stage.name}] ordering round {summary['round']} ({summary['reason']}): {summary['scored']} "
-                  f"queries scored, {summary['low_variance']} with reward variance <= {stage.variance_epsilon:g}, "
-                  f"{summary['seconds']:.1f} s")
+            print(f"[{stage.name}] ordering round {summary['round']} ({summary['reason']}, from "
+                  f"{summary['source']}): {summary['scored']} queries ranked, {summary['low_variance']} with reward "
+                  f"variance <= {stage.variance_epsilon:g}, {summary['seconds']:.1f} s")
 
         schedule = OrderingSchedule(
             len(queries), args.generation_batch_size // stage.num_generations, scorer,
             epsilon=stage.variance_epsilon, policy=stage.low_variance_policy,
             reorder_every_chunks=reorder_every_chunks(stage, args), reorder_each_epoch=stage.reorder_each_epoch,
             artifact=context.stage_dir / ORDERING_FILE if context.is_main_process else None, on_round=on_round,
+            source=stage.reorder_source, needs_samples=(lambda q: not cache.has(q)) if cache is not None else None,
         )
     trainer = OrderedGRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=list(callbacks), schedule=schedule, peft_config=lora.peft_config(stage.lora, "causal_lm"),
+        callbacks=list(callbacks), schedule=schedule, rollout_cache=cache,
+        peft_config=lora.peft_config(stage.lora, "causal_lm"),
     )
     if scorer is not None:
         scorer.bind(trainer)
+        schedule.clock = lambda: trainer.state.global_step
     return trainer, schedule
 
 
-def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str) -> None:
-    """A fresh run ranks the queries now; a resumed one takes the schedule saved in its checkpoint."""
+def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str,
+                   cache: RolloutCache | None = None) -> None:
+    """A fresh run ranks the queries now; a resumed one takes the schedule (and rollout cache) saved in its
+    checkpoint."""
     state = load_ordering_state(context.resume_checkpoint) if context.resume_checkpoint else None
     if state is not None:
         schedule.load_state_dict(state)
+        if cache is not None and "rollout_cache" in state:
+            cache.load_state_dict(state["rollout_cache"])
         print(f"[{name}] ordering restored from {context.resume_checkpoint} (epoch {schedule.epoch}, "
               f"{schedule.chunks_done} generation batches consumed, {len(schedule.rounds)} round(s))")
         return
@@ -119,6 +126,30 @@ def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str)
         log.warning("%s holds no ordering state; ranking the queries again with the resumed weights",
                     context.resume_checkpoint)
     schedule.initial_round()
+    if cache is not None:
+        cache.keep_only(schedule.active)  # `drop` left some queries out: their samples are never trained on
+
+
+def ordering_metrics(schedule: OrderingSchedule, trainer: OrderedGRPOTrainer, runtime: float,
+                     artifact: str) -> dict:
+    """What ordering cost: its seconds (against training's), and the samples it drew that no step trained on."""
+    initial = schedule.rounds[0]["seconds"] if schedule.rounds and schedule.rounds[0]["reason"] == "initial" else 0.0
+    during = schedule.seconds - initial  # rounds inside trainer.train() are part of train_runtime
+    training_only = max(runtime - during, 1e-9)
+    scorer, cache = schedule.scorer, trainer.rollout_cache
+    drawn = cache.generated if cache is not None else scorer.samples_drawn  # the cache's counts survive resume
+    trained = cache.trained if cache is not None else 0
+    return {
+        "ordering_rounds": len(schedule.rounds),
+        "ordering_rounds_sampled": sum(r.get("source") != "rollouts" for r in schedule.rounds),
+        "ordering_seconds": round(schedule.seconds, 2),
+        "ordering_overhead_pct": round(100 * schedule.seconds / training_only, 1),
+        "ordering_samples_drawn": drawn,
+        "ordering_samples_trained_on": trained,
+        "rollouts_for_ordering_only": drawn - trained,
+        "ordering_artifact": artifact,
+        "queries_dropped": schedule.num_queries - len(schedule.active),
+    }
 
 
 def check_enough_queries(stage: Config, num_queries: int) -> None:
@@ -164,7 +195,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     trainer, schedule = make_trainer(stage, context, model, tokenizer, queries, reward_funcs,
                                      callbacks=training_callbacks(stage, context))
     if schedule is not None:
-        start_schedule(schedule, context, stage.name)
+        start_schedule(schedule, context, stage.name, trainer.rollout_cache)
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     model = save_trained_model(trainer, tokenizer, context, stage)
 
@@ -175,18 +206,11 @@ def run(stage: Config, context: StageContext) -> StageResult:
         * trainer.args.gradient_accumulation_steps * trainer.accelerator.num_processes,
     })
     if schedule is not None:
-        initial = schedule.rounds[0]["seconds"] if schedule.rounds and schedule.rounds[0]["reason"] == "initial" else 0.0
-        during = schedule.seconds - initial  # rounds inside trainer.train() are part of train_runtime
-        training_only = max(runtime - during, 1e-9)
-        metrics.update({
-            "ordering_rounds": len(schedule.rounds),
-            "ordering_seconds": round(schedule.seconds, 2),
-            "ordering_overhead_pct": round(100 * schedule.seconds / training_only, 1),
-            "ordering_artifact": str(context.stage_dir / ORDERING_FILE),
-            "queries_dropped": schedule.num_queries - len(schedule.active),
-        })
-        print(f"[{stage.name}] ordering: {len(schedule.rounds)} round(s), {schedule.seconds:.1f} s "
-              f"= {metrics['ordering_overhead_pct']:.1f}% of the {training_only:.1f} s of training")
+        metrics.update(ordering_metrics(schedule, trainer, runtime, str(context.stage_dir / ORDERING_FILE)))
+        print(f"[{stage.name}] ordering: {metrics['ordering_rounds']} round(s) ({metrics['ordering_rounds_sampled']} "
+              f"sampled), {schedule.seconds:.1f} s = {metrics['ordering_overhead_pct']:.1f}% of training; "
+              f"{metrics['ordering_samples_drawn']} samples drawn, {metrics['rollouts_for_ordering_only']} not "
+              f"trained on")
     if stage.task_eval is not None:
         print(f"[{stage.name}] after GRPO:")
         metrics.update(context.evaluate_task(stage, model, tokenizer))

@@ -1,4 +1,5 @@
-"""TRL's GRPOTrainer with the queries in reward-variance order, and the scorer that ranks them."""
+"""TRL's GRPOTrainer with the queries in reward-variance order, a per-query variance estimate from the training
+rollouts, the ordering pass's samples trained on, and the scorer that ranks the queries."""
 
 from __future__ import annotations
 
@@ -6,32 +7,101 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import replace
 
 import torch
 from trl import GRPOTrainer
+from trl.trainer.utils import pad
 
+from qwen_align import distributed
 from qwen_align.checkpoints.resume import AtomicCheckpoints
 from qwen_align.fsutil import atomic_write_json
-from qwen_align.generation import SamplingParams, generate
 
 from .ordering import OrderingSchedule, QueryScore, score_of
 from .rewards import combined
 from .sampler import OrderedRepeatSampler
 
-
 ORDERING_STATE_FILE = "ordering_state.json"
+
+
+class RolloutCache:
+    """Responses an ordering round sampled, per query, waiting for the trainer to reach the query: one group of
+    `num_generations` (completion token ids, per-token log-probs of the policy that sampled them) each.
+
+    A generation batch is served from the cache only when every query in it has a cached group (the same
+    decision on every rank: all ranks hold the same cache and see the same query ids); otherwise the batch is
+    generated as usual. Either way a query's group leaves the cache once the query is trained on.
+    """
+
+    def __init__(self):
+        self.groups: dict[int, list[tuple[list[int], list[float]]]] = {}
+        self.generated = 0  # samples put in by ordering rounds
+        self.trained = 0  # samples the trainer trained on
+
+    def put(self, query_id: int, group: list[tuple[list[int], list[float]]]) -> None:
+        self.groups[query_id] = group
+        self.generated += len(group)
+
+    def has(self, query_id: int) -> bool:
+        return query_id in self.groups
+
+    def take(self, batch_ids: list[int], first: int, count: int) -> list[tuple[list[int], list[float]]] | None:
+        """The samples for rows `first : first + count` of a generation batch whose rows (all ranks, in order)
+        are `batch_ids` -- the j-th row of a query gets its group's j-th sample -- or None (not all cached)."""
+        needed: dict[int, int] = {}
+        for q in batch_ids:
+            needed[q] = needed.get(q, 0) + 1
+        servable = all(len(self.groups.get(q, ())) >= n for q, n in needed.items())
+        rows, seen = [], {}
+        for q in batch_ids:
+            j = seen.get(q, 0)
+            seen[q] = j + 1
+            rows.append(self.groups[q][j] if servable else None)
+        for q in needed:
+            self.groups.pop(q, None)
+        if not servable:
+            return None
+        self.trained += len(batch_ids)
+        return rows[first : first + count]
+
+    def keep_only(self, query_ids) -> None:
+        """Forget the samples of queries training will not use (dropped by the low-variance policy)."""
+        keep = set(query_ids)
+        self.groups = {q: g for q, g in self.groups.items() if q in keep}
+
+    @property
+    def ordering_only(self) -> int:
+        """Samples drawn for ordering that no training step used (so far)."""
+        return self.generated - self.trained
+
+    def state_dict(self) -> dict:
+        return {"generated": self.generated, "trained": self.trained,
+                "groups": [{"query_id": q, "completion_ids": [c for c, _ in g], "logps": [lp for _, lp in g]}
+                           for q, g in sorted(self.groups.items())]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generated, self.trained = state["generated"], state["trained"]
+        self.groups = {e["query_id"]: list(zip(e["completion_ids"], e["logps"])) for e in state["groups"]}
 
 
 class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
     """`schedule` set: the train sampler follows it (no shuffle); None: TRL's shuffled RepeatSampler.
 
-    Each trainer checkpoint holds the schedule's state (`ordering_state.json`), written while the checkpoint
-    is written, so a resumed run consumes the queries in the order the interrupted one would have.
+    Every training generation batch's rewards feed `schedule.observe` (per query: the variance of its
+    num_generations rewards, gathered over all ranks, at this step). With `rollout_cache`, a generation batch
+    whose queries an ordering round already sampled trains on those samples instead of generating, with the
+    sampling policy's per-token log-probs as `old_per_token_logps`: TRL's clipped importance ratio (its
+    mechanism for steps_per_generation > 1) then corrects for the samples being older than the policy.
+
+    Each trainer checkpoint holds the schedule's and the cache's state (`ordering_state.json`), written while the
+    checkpoint is written, so a resumed run consumes the queries in the order the interrupted one would have.
     """
 
-    def __init__(self, *args, schedule: OrderingSchedule | None = None, **kwargs):
+    def __init__(self, *args, schedule: OrderingSchedule | None = None, rollout_cache: RolloutCache | None = None,
+                 **kwargs):
         self.schedule = schedule
+        self.rollout_cache = rollout_cache
+        self._batch_query_ids: list[int] | None = None  # this generation batch's rows over all ranks
+        self._served: list | None = None  # this rank's rows taken from the cache
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, dataset=None):
@@ -43,10 +113,52 @@ class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             repeat_count=self.num_iterations * self.args.steps_per_generation,
         )
 
+    def _generate_and_score_completions(self, inputs):
+        if self.schedule is None or not self.model.training:
+            return super()._generate_and_score_completions(inputs)
+        local = [x["query_id"] for x in inputs]
+        self._batch_query_ids = [q for part in distributed.gather_objects(local) for q in part]
+        if self.rollout_cache is not None:
+            self._served = self.rollout_cache.take(self._batch_query_ids, self.accelerator.process_index * len(local),
+                                                   len(local))
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            if self._served is not None:
+                logps = pad([torch.tensor(lp, dtype=torch.float32) for _, lp in self._served], padding_value=0.0,
+                            padding_side="right")
+                width = output["completion_ids"].size(1)
+                logps = torch.nn.functional.pad(logps, (0, width - logps.size(1)))[:, :width]
+                output["old_per_token_logps"] = logps.to(output["completion_ids"].device)
+        finally:
+            self._batch_query_ids, self._served = None, None
+        return output
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._served is None:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        if len(self._served) != len(prompt_ids):
+            raise RuntimeError(f"rollout cache: {len(self._served)} cached rows for {len(prompt_ids)} prompts")
+        return [list(ids) for ids, _ in self._served], None
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        ids = self._batch_query_ids
+        if ids is not None:  # a training generation batch: rows of every rank, groups of num_generations
+            per_func = rewards_per_func.cpu().T.tolist()
+            total = combined(per_func, self.reward_weights.tolist())
+            g = self.num_generations
+            scores = [score_of(ids[i], total[i : i + g]) for i in range(0, len(ids), g)]
+            self.schedule.observe(scores, step=self.state.global_step, samples=g)
+        return rewards_per_func
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         if self.schedule is not None and self.args.should_save:
-            atomic_write_json(os.path.join(output_dir, ORDERING_STATE_FILE), self.schedule.state_dict())
+            state = self.schedule.state_dict()
+            if self.rollout_cache is not None:
+                state["rollout_cache"] = self.rollout_cache.state_dict()
+            atomic_write_json(os.path.join(output_dir, ORDERING_STATE_FILE), state)
 
 
 def load_ordering_state(checkpoint: str) -> dict | None:
@@ -59,47 +171,54 @@ def load_ordering_state(checkpoint: str) -> dict | None:
 
 
 class QueryScorer:
-    """Samples k responses per query with the trainer's current policy and scores them with the stage's
-    rewards. The queries go in batches of `batch_size`, each sampled with its own seed; across processes each
-    takes a share of the batches and all get every score, so a round's scores (hence the order) are the same
-    under any number of processes."""
+    """Samples k responses per query with the trainer's current policy, through the trainer's own rollout path
+    (its chat-template tokenization and `_generate_single_turn`: the same generation config, temperature, top_p
+    and max_completion_length as training), and scores them with the stage's rewards. With a `cache`, each
+    query's samples go into it with their per-token log-probs (TRL's `_get_per_token_logps_and_entropies`,
+    the same temperature scaling as the loss), for the trainer to train on.
 
-    def __init__(self, queries, tokenizer, reward_funcs, weights, params: SamplingParams, batch_size: int = 64,
-                 seed: int = 0):
+    The queries go in batches of `batch_size`, each sampled with its own seed; across processes each takes a
+    share of the batches and all get every score (and sample), so a round's scores (hence the order) are the
+    same under any number of processes."""
+
+    def __init__(self, queries, tokenizer, reward_funcs, weights, num_samples: int, batch_size: int = 64,
+                 seed: int = 0, cache: RolloutCache | None = None):
         self.queries = queries  # dataset rows (prompt, verifier_row, query_id)
         self.tokenizer = tokenizer
         self.reward_funcs = reward_funcs
         self.weights = weights
-        self.params = params
+        self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed
+        self.cache = cache
         self.trainer = None
         self.last_reward_stats: dict[str, float] = {}
+        self.samples_drawn = 0
 
     def bind(self, trainer) -> None:
         self.trainer = trainer
 
     def __call__(self, query_ids: list[int]) -> list[QueryScore]:
-        acc = self.trainer.accelerator
         batches = [query_ids[i : i + self.batch_size] for i in range(0, len(query_ids), self.batch_size)]
-        mine = list(enumerate(batches))[acc.process_index :: acc.num_processes]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):  # the training RNG stream stays as it was
-            scores, per_reward = self._score([(self._batch_seed(batch), batch) for _, batch in mine])
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            scores = gather_object(scores)
-            per_reward = {k: gather_object(v) for k, v in sorted(per_reward.items())}
+            results = distributed.sharded_map(lambda mine: [self._score(batch) for batch in mine], batches)
+        scores = [s for batch in results for s in batch["scores"]]
+        self.samples_drawn += len(query_ids) * self.num_samples
+        if self.cache is not None:
+            for batch in results:
+                for q, group in zip(batch["query_ids"], batch["groups"]):
+                    self.cache.put(q, group)
         self.last_reward_stats = {}
-        for name, values in per_reward.items():
+        for f in self.reward_funcs:
+            values = [v for batch in results for v in batch["per_reward"][f.__name__]]
             values = [v for v in values if v is not None and not math.isnan(v)]
             if values:
                 mean = sum(values) / len(values)
-                self.last_reward_stats[f"{name}/mean"] = mean
-                self.last_reward_stats[f"{name}/std"] = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
-        where = {q: i for i, q in enumerate(query_ids)}
-        return sorted(scores, key=lambda s: where[s.query_id])
+                self.last_reward_stats[f"{f.__name__}/mean"] = mean
+                variance = sum((v - mean) ** 2 for v in values) / len(values)
+                self.last_reward_stats[f"{f.__name__}/std"] = variance**0.5
+        return scores
 
     def _batch_seed(self, batch: list[int]) -> int:
         """A batch's sampling seed, from what it is: the same on any rank, in any number of processes, and in a
@@ -107,23 +226,46 @@ class QueryScorer:
         key = json.dumps([self.seed, self.trainer.state.global_step, batch])
         return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
 
-    def _score(self, seeded_batches: list[tuple[int, list[int]]]) -> tuple[list[QueryScore], dict[str, list]]:
-        query_ids = [q for _, batch in seeded_batches for q in batch]
-        if not query_ids:
-            return [], {f.__name__: [] for f in self.reward_funcs}
-        rows = [self.queries[i] for i in query_ids]
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        responses = []
-        for seed, batch in seeded_batches:
-            responses += generate(model, self.tokenizer, [self.queries[i]["prompt"] for i in batch],
-                                  replace(self.params, seed=seed), batch_size=self.batch_size, desc="ordering pass")
-        k = self.params.num_return_sequences
-        prompts = [r["prompt"] for r in rows for _ in range(k)]
-        completions = [[{"role": "assistant", "content": text}] for group in responses for text in group]
-        columns = {key: [r[key] for r in rows for _ in range(k)] for key in rows[0] if key != "prompt"}
+    def _score(self, batch: list[int]) -> dict:
+        """One batch: k samples per query (token ids, log-probs), their rewards and each query's score."""
+        trainer, k = self.trainer, self.num_samples
+        rows = [self.queries[q] for q in batch for _ in range(k)]
+        prompts = [r["prompt"] for r in rows]
+        torch.manual_seed(self._batch_seed(batch))
+        prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
+        with torch.no_grad():
+            completion_ids, _ = GRPOTrainer._generate_single_turn(trainer, prompt_ids, None, {}, k)
+            logps = self._logps(prompt_ids, completion_ids) if self.cache is not None else None
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] for t in texts]
+        columns = {key: [r[key] for r in rows] for key in rows[0] if key != "prompt"}
         with torch.no_grad():
             per_func = [f(prompts=prompts, completions=completions, **columns) for f in self.reward_funcs]
         total = combined(per_func, self.weights)
-        scores = [score_of(q, total[i * k : (i + 1) * k]) for i, q in enumerate(query_ids)]
-        per_reward = {f.__name__: list(values) for f, values in zip(self.reward_funcs, per_func)}
-        return scores, per_reward
+        groups = None
+        if logps is not None:
+            pairs = list(zip(completion_ids, logps))
+            groups = [pairs[i * k : (i + 1) * k] for i in range(len(batch))]
+        return {
+            "query_ids": batch, "groups": groups or [None] * len(batch),
+            "scores": [score_of(q, total[i * k : (i + 1) * k]) for i, q in enumerate(batch)],
+            "per_reward": {f.__name__: list(values) for f, values in zip(self.reward_funcs, per_func)},
+        }
+
+    def _logps(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs of the sampled completions under the policy that sampled them, as TRL computes them
+        for the loss (left-padded prompts, right-padded completions)."""
+        trainer = self.trainer
+        device = trainer.accelerator.device
+        pad_id = trainer._tokenizer.pad_token_id
+        p = [torch.tensor(ids) for ids in prompt_ids]
+        c = [torch.tensor(ids) for ids in completion_ids]
+        p_ids = pad(p, padding_value=pad_id, padding_side="left").to(device)
+        p_mask = pad([torch.ones_like(t) for t in p], padding_value=0, padding_side="left").to(device)
+        c_ids = pad(c, padding_value=pad_id, padding_side="right").to(device)
+        c_mask = pad([torch.ones_like(t) for t in c], padding_value=0, padding_side="right").to(device)
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), c_ids.size(1),
+            batch_size=trainer.args.per_device_train_batch_size,
+        )
+        return [row[: len(ids)].float().cpu().tolist() for row, ids in zip(logps, completion_ids)]

@@ -62,3 +62,11 @@ def test_reward_sources_and_names(tmp_path):
         Config(name="g", rewards=[{"kind": "verifier", "source": "rm"}])
     with pytest.raises(ValidationError, match="need order_by_reward_variance"):
         Config(name="g", order_by_reward_variance=False, reorder_each_epoch=True)
+
+
+def test_ordering_defaults_and_sample_count():
+    shuffled = Config(name="g", order_by_reward_variance=False)  # the default reorder_each_epoch does not object
+    assert shuffled.reorder_each_epoch and Config(name="g").reorder_source == "rollouts"
+    with pytest.raises(ValidationError, match="ordering_samples 4 != num_generations 8"):
+        Config(name="g", ordering_samples=4)
+    assert Config(name="g", ordering_samples=4, train_on_ordering_samples=False).ordering_samples == 4

@@ -12,6 +12,7 @@ from trl.trainer.utils import RepeatSampler
 from grpo.ordering import OrderingSchedule, QueryScore, consumed_order, rank, score_of
 from grpo.rewards import combined
 from grpo.sampler import OrderedRepeatSampler
+from grpo.trainer import RolloutCache
 
 
 def fixed_scorer(variances):
@@ -54,26 +55,66 @@ def test_drop_shortens_the_pass():
 def test_rescore_when_reached():
     variances = {0: 0.0, 1: 0.2, 2: 0.0, 3: 0.1}
     scorer = fixed_scorer(variances)
-    s = OrderingSchedule(4, 2, scorer, policy="rescore")
+    s = OrderingSchedule(4, 2, scorer, policy="rescore", needs_samples=lambda q: q == 1)
     chunks = s.chunks()
     assert next(chunks) == [1, 3]
     variances[2] = 0.5  # the policy changed: query 2 now varies
     assert next(chunks) == [2, 0]
-    assert scorer.calls == [[0, 1, 2, 3], [0, 2]]
+    assert scorer.calls == [[0, 1, 2, 3], [0, 2]]  # query 1 has samples to train on: not sampled again
     assert s.rounds[-1]["reason"] == "rescore"
 
 
-def test_reorder_every_chunks_and_epoch():
+def test_reorder_every_chunks_and_epoch_by_sampling():
     variances = [0.1, 0.2, 0.3, 0.4]
     scorer = fixed_scorer(variances)
-    s = OrderingSchedule(4, 1, scorer, reorder_every_chunks=2)
+    s = OrderingSchedule(4, 1, scorer, reorder_every_chunks=2, reorder_each_epoch=False, source="ordering_pass")
     chunks = s.chunks()
     assert [next(chunks), next(chunks)] == [[3], [2]]
     variances[:] = [0.4, 0.3, 0.2, 0.1]  # re-ranked: the rest of the pass follows the new scores
     assert list(chunks) == [[0], [1]]
     assert scorer.calls[-1] == [1, 0]
-    s2 = OrderingSchedule(2, 1, fixed_scorer([0.1, 0.2]), reorder_each_epoch=True)
+    s2 = OrderingSchedule(2, 1, fixed_scorer([0.1, 0.2]), reorder_each_epoch=True, source="ordering_pass")
     assert list(s2.chunks()) == [[1], [0]] and list(s2.chunks()) == [[1], [0]] and len(s2.rounds) == 2
+
+
+def test_rounds_after_the_first_rank_by_the_rollouts_without_sampling():
+    """Every round after the initial one ranks the queries not yet used by their latest training-rollout
+    estimate; a query with none keeps its initial score; the scorer is never called again."""
+    scorer = fixed_scorer([0.1, 0.2, 0.3, 0.4, 0.25])
+    s = OrderingSchedule(5, 1, scorer, reorder_every_chunks=1, reorder_each_epoch=True)
+    chunks = s.chunks()
+    assert next(chunks) == [3]
+    s.observe([QueryScore(3, 0.5, 0.0)], step=0, samples=8)  # what training measured on the first chunk
+    s.observe([QueryScore(0, 0.5, 0.9)], step=0, samples=8)  # (an estimate for a query not yet used)
+    assert next(chunks) == [0]  # 0 now ranks first; 2, 4, 1 keep their initial scores
+    assert list(chunks) == [[2], [4], [1]]
+    s.observe([QueryScore(q, 0.5, v) for q, v in [(0, 0.0), (2, 0.05), (4, 0.3), (1, 0.01)]], step=4, samples=8)
+    assert list(s.chunks()) == [[4], [2], [1], [0], [3]]  # the next pass: the latest estimates, 0 and 3 flat
+    assert scorer.calls == [[0, 1, 2, 3, 4]]
+    epoch = next(r for r in s.rounds if r["reason"] == "epoch")
+    assert epoch["reason"] == "epoch" and epoch["source"] == "rollouts"
+    assert [(e["query_id"], e["variance"], e["step"], e["source"]) for e in epoch["queries"][:2]] == [
+        (4, 0.3, 4, "rollouts"), (2, 0.05, 4, "rollouts")]
+    assert s.rounds[0]["source"] == "ordering_pass" and s.rounds[0]["queries"][0]["source"] == "ordering_pass"
+
+
+def test_rollout_cache_serves_whole_generation_batches_only():
+    cache = RolloutCache()
+    cache.put(1, [([11], [-0.1]), ([12], [-0.2])])
+    cache.put(2, [([21], [-0.3]), ([22], [-0.4])])
+    cache.put(3, [([31], [-0.5]), ([32], [-0.6])])
+    # Rows [1, 1, 2, 2] over two ranks of 2 rows: rank 1 takes rows 2-3, query 2's two samples in order.
+    assert cache.take([1, 1, 2, 2], first=2, count=2) == [([21], [-0.3]), ([22], [-0.4])]
+    assert not cache.has(1) and not cache.has(2) and cache.trained == 4
+    assert cache.take([3, 3, 4, 4], first=0, count=4) is None  # 4 has no samples: generate the batch anew
+    assert not cache.has(3) and cache.ordering_only == 2  # 3's samples were never trained on
+    restored = RolloutCache()
+    cache.put(5, [([51, 52], [-1.0, -2.0])])
+    restored.load_state_dict(json.loads(json.dumps(cache.state_dict())))
+    assert restored.groups == cache.groups and restored.generated == 7 and restored.trained == 4
+    restored.put(6, [([61], [-0.7])])
+    restored.keep_only([6])  # `drop` left 5 out of training
+    assert list(restored.groups) == [6] and restored.ordering_only == 4
 
 
 def test_sampler_has_trl_layout():

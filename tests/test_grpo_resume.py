@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -101,7 +100,7 @@ def write_recipe(tmp_path: Path, demo_tokenizer_dir: Path, run_dir: Path) -> Pat
     raw = {"model": "tiny", "tokenizer": str(demo_tokenizer_dir), "run_dir": str(run_dir), "seed": 3,
            "stages": [{
                "name": "grpo", "kind": "grpo", "data": {"sources": [{"path": str(tmp_path / "q.jsonl")}]},
-               "rewards": [{"kind": "verifier"}], "num_generations": 2, "ordering_samples": 4,
+               "rewards": [{"kind": "verifier"}], "num_generations": 2,
                "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 14,
                "max_completion_length": 4, "temperature": 1.0, "learning_rate": 5e-3, "reorder_every_steps": 3,
                "low_variance_policy": "rescore", "save_steps": 2, "save_total_limit": None, "logging_steps": 1,
@@ -143,10 +142,11 @@ def test_kill9_resume_matches_an_uninterrupted_run(tmp_path, demo_tokenizer_dir)
     reference = start(write_recipe(tmp_path, demo_tokenizer_dir, ref_dir), ref_log)  # alongside, on the other core
     recipe = write_recipe(tmp_path, demo_tokenizer_dir, run_dir)
     proc = start(recipe, run_log)
-    # A seeded moment after a checkpoint in the middle of a pass (6 steps each; a pass boundary re-ranks anyway):
-    # right after checkpoint-N is complete, outside any checkpoint write (a torn checkpoint is the atomic
-    # checkpoint writer's case, not this test's).
-    target = random.Random(12).choice([4, 8, 10])
+    # Right after checkpoint-4 is complete, outside any checkpoint write (a torn checkpoint is the atomic
+    # checkpoint writer's case, not this test's): in the middle of the first pass (6 steps each), with the
+    # initial pass's samples for the last two steps still waiting in the rollout cache, and before the second
+    # pass, which is ranked from the rollout estimates the checkpoint restores.
+    target = 4
     done = run_dir / "grpo" / "checkpoints" / f"checkpoint-{target}" / "trainer_state.json"
     deadline = time.monotonic() + 600
     while not done.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -157,7 +157,8 @@ def test_kill9_resume_matches_an_uninterrupted_run(tmp_path, demo_tokenizer_dir)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "grpo" / "final").exists()
-    assert (done.parent / "ordering_state.json").is_file()
+    saved = json.loads((done.parent / "ordering_state.json").read_text())
+    assert saved["rollout_cache"]["groups"] and saved["latest"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["grpo"]["status"] == "running"  # killed: nothing marked it
 

@@ -46,6 +46,8 @@ def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
     assert m["ordering_rounds"] == len(artifact["rounds"]) == 1
     assert m["ordering_seconds"] > 0 and m["ordering_seconds"] == pytest.approx(artifact["ordering_seconds"], abs=0.01)
     assert m["ordering_overhead_pct"] > 0
+    # 8 queries x 2 samples drawn; 2 steps of 2 queries train on half of them; the rest training never reached.
+    assert (m["ordering_samples_drawn"], m["ordering_samples_trained_on"], m["rollouts_for_ordering_only"]) == (16, 8, 8)
     assert sorted(e["query_id"] for e in artifact["rounds"][0]["queries"]) == list(range(8))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/reward_model/mean" in r and "rewards/verifier/std" in r for r in logged)

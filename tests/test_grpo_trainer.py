@@ -73,7 +73,91 @@ def test_trainer_consumes_the_saved_order(tmp_path, demo_tokenizer, layout):
     assert got[:4] == [11, 10, 8, 7]
     assert generations == 8 * 2 // (trainer.args.steps_per_generation * trainer.num_iterations)
     reasons = {r["reason"] for r in artifact["rounds"]}
-    assert reasons == ({"initial", "every_steps"} if "reorder_every_steps" in layout else {"initial", "rescore"})
+    assert reasons == ({"initial", "every_steps", "epoch"} if "reorder_every_steps" in layout
+                       else {"initial", "rescore", "epoch"})
+
+
+def _texts_reward(prompts, completions, **_):
+    """A reward of the sampled text itself (0, 1 or 2), so each query's variance is that of its samples."""
+    return [float(sum(map(ord, c[0]["content"])) % 3) for c in completions]
+
+
+def test_ordering_costs_no_rollout_training_does_not_use(tmp_path, demo_tokenizer):
+    """Two passes over 12 queries (4 per step): the first pass trains on exactly the initial ordering pass's
+    samples with no generate() call; after it nothing is sampled for ordering; the ordering artifact's variances
+    are those of the rollouts training generated; the cached samples' log-probs are those of the sampling policy."""
+    from grpo.stage import ordering_metrics
+
+    torch.manual_seed(0)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name {i}."}]}) + "\n"
+                            for i in range(12)))
+    recipe = _recipe(tmp_path, data, num_generations=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
+                     max_steps=6, max_completion_length=4, reorder_every_steps=1, temperature=1.5,
+                     rewards=[{"kind": "verifier", "name": "texts"}, {"kind": "verifier", "name": "recorder"}])
+    stage = recipe.stage("grpo")
+    context = StageContext(recipe, tmp_path / "run" / "grpo", "tiny", None, tmp_path / "metrics.jsonl")
+    queries, _ = load_queries(stage, context)
+    trained = []  # per training generation batch: step, query ids, completion ids, rewards
+
+    def recorder(prompts, completions, query_id, completion_ids=None, **kw):
+        if "trainer_state" in kw:
+            rewards = _texts_reward(prompts, completions)
+            trained.append({"step": kw["trainer_state"].global_step, "query_id": list(query_id),
+                            "completion_ids": [list(c) for c in completion_ids], "rewards": rewards})
+        return [0.0] * len(prompts)
+
+    policy = load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=0)
+    generate_calls = []
+    original_generate = policy.generate
+    policy.generate = lambda *a, **k: generate_calls.append(len(trained)) or original_generate(*a, **k)
+    _texts_reward.__name__ = "texts"
+    trainer, schedule = make_trainer(stage, context, policy, demo_tokenizer, queries, [_texts_reward, recorder])
+    schedule.initial_round()
+    ordering_generates = len(generate_calls)
+    cached = {q: [ids for ids, _ in g] for q, g in trainer.rollout_cache.groups.items()}
+    first_logps_gap = []
+    original_score = trainer._generate_and_score_completions
+
+    def checking(inputs):
+        out = original_score(inputs)
+        if trainer.state.global_step == 0:  # the policy is still the one that sampled the cache
+            ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+            mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+            with torch.no_grad():
+                now, _, _ = trainer._get_per_token_logps_and_entropies(
+                    trainer.model, ids, mask, out["completion_ids"].size(1))
+            m = out["completion_mask"].bool()
+            first_logps_gap.append((now[m] - out["old_per_token_logps"][m]).abs().max().item())
+        return out
+
+    trainer._generate_and_score_completions = checking
+    trainer.train()
+
+    assert len(trained) == 6 and ordering_generates > 0
+    # (b) no generate() for ordering after the initial pass; the first pass (3 batches) generates nothing either
+    assert generate_calls[ordering_generates:] == [3, 4, 5]
+    # (c) the first pass trains on the initial pass's samples, each query's in order
+    for batch in trained[:3]:
+        for i in range(0, 8, 2):
+            q = batch["query_id"][i]
+            assert batch["completion_ids"][i : i + 2] == cached[q]
+    assert first_logps_gap and max(first_logps_gap) < 1e-4
+    # (a) every score in the artifact is the variance of the rewards its rollouts got
+    artifact = json.loads((context.stage_dir / "ordering.json").read_text())
+    measured = {}
+    for batch in trained:
+        for i in range(0, 8, 2):
+            r = batch["rewards"][i : i + 2]
+            measured[(batch["query_id"][i], batch["step"])] = ((r[0] - r[1]) / 2) ** 2
+    initial = {e["query_id"]: e["variance"] for e in artifact["rounds"][0]["queries"]}
+    first_pass = {q: v for (q, step), v in measured.items() if step < 3}
+    assert initial == pytest.approx(first_pass) and len(set(initial.values())) > 1
+    later = [e for r in artifact["rounds"][1:] for e in r["queries"] if e["source"] == "rollouts"]
+    assert later and all(r["source"] == "rollouts" for r in artifact["rounds"][1:])
+    for e in later:
+        assert e["variance"] == pytest.approx(measured[(e["query_id"], e["step"])])
+    assert ordering_metrics(schedule, trainer, 1.0, "")["rollouts_for_ordering_only"] == 0
 
 
 def test_rewards(demo_tokenizer):
