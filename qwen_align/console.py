@@ -122,6 +122,12 @@ class StageProgress(_Callback):
 # ---------------------------------------------------------------- closing table and `status`
 
 
+def is_task_accuracy(metrics: dict[str, Any]) -> bool:
+    """`heldout_accuracy` is a task accuracy when it comes with its details (`heldout`, from `evaluate_task`);
+    manifests written before the reward model's pair accuracy got its own name alone filed it there too."""
+    return isinstance(metrics.get("heldout_accuracy"), (int, float)) and isinstance(metrics.get("heldout"), dict)
+
+
 def headline(entry: dict[str, Any]) -> str:
     """A stage's headline metrics, each named for what it measures ("held-out task accuracy 24.5% -> 28.5%")."""
     metrics = entry.get("metrics") or {}
@@ -129,6 +135,8 @@ def headline(entry: dict[str, Any]) -> str:
     for key, label in HEADLINES:
         value = metrics.get(key)
         if not isinstance(value, (int, float)):
+            continue
+        if key == "heldout_accuracy" and not is_task_accuracy(metrics):
             continue
         before = metrics.get(f"{key}_before")
         text = f"{label} {before:.1%} -> {value:.1%}" if isinstance(before, (int, float)) else f"{label} {value:.1%}"
