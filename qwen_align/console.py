@@ -28,9 +28,18 @@ POSTFIX_KEYS = (("loss", "loss"), ("reward", "reward"), ("rewards/accuracies", "
                 ("mean_token_accuracy", "token_acc"))
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning`: the first time a (category, text) is raised, one line through logging (console and
+    stage log); later repeats, which libraries raise every step or every stage, are dropped."""
+    key = (category.__name__, str(message))
+    if key in _warned:
+        return
+    _warned.add(key)
     where = "/".join(Path(filename).parts[-2:])
-    return f"{category.__name__}: {str(message).strip()} ({where}:{lineno})"
+    logging.getLogger("py.warnings").warning("%s: %s (%s:%s)", category.__name__, str(message).strip(), where, lineno)
 
 
 class _LoadReportFilter(logging.Filter):
@@ -58,9 +67,7 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" and the like
     transformers.utils.logging.get_logger("transformers.modeling_utils").addFilter(_LoadReportFilter())
     # A warning raised every step or every stage is shown the first time only, as one line, also in the stage log.
-    warnings.filterwarnings("once")
-    warnings.formatwarning = _one_line_warning
-    logging.captureWarnings(True)
+    warnings.showwarning = _warn_once
     # INFO records go to the stage log (runner._stage_log); the console shows warnings and errors.
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
@@ -82,6 +89,13 @@ def _bar_class():
     return tqdm
 
 
+def progress(iterable, desc: str, unit: str):
+    """A bar over `iterable` for work inside a stage (sampling batches, held-out eval); hidden while another bar
+    (the stage's own) is open, so bars never nest and redraw each other."""
+    tqdm = _bar_class()
+    return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=bool(getattr(tqdm, "_instances", None)))
+
+
 try:  # a TrainerCallback when transformers is there (always, in a run); this module stays importable without it
     from transformers import TrainerCallback as _Callback
 except ImportError:  # pragma: no cover
@@ -95,11 +109,16 @@ class StageProgress(_Callback):
     def __init__(self, stage_name: str):
         self.stage_name = stage_name
         self.bar = None
+        self.redirect = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero and not args.disable_tqdm:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             self.bar = _bar_class()(total=state.max_steps, initial=state.global_step, desc=f"[{self.stage_name}] train",
                                     unit="step", dynamic_ncols=True)
+            self.redirect = logging_redirect_tqdm()  # a warning while the bar is open prints above it
+            self.redirect.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -114,6 +133,9 @@ class StageProgress(_Callback):
             self.bar.set_postfix(postfix, refresh=False)
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.redirect is not None:
+            self.redirect.__exit__(None, None, None)
+            self.redirect = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
