@@ -31,8 +31,10 @@ def tiny_chain_recipe(folder: Path, tokenizer_dir: Path, **top) -> Path:
     write_jsonl(folder / "prompts.jsonl", [
         {"messages": [{"role": "user", "content": f"What is {a}+{b}?"}], "verifier": "regex", "pattern": r".*\d.*"}
         for a, b in sums[:24]])
+    # Held out: "no words, digits at most" (regex), which a barely trained model's greedy answers pass: the
+    # accuracies are then not all zero.
     write_jsonl(folder / "heldout.jsonl", [
-        {"messages": [{"role": "user", "content": f"What is {a}+{b}?"}], "verifier": "exact", "answer": str(a + b)}
+        {"messages": [{"role": "user", "content": f"What is {a}+{b}?"}], "verifier": "regex", "pattern": r"\d*"}
         for a, b in sums[40:48]])
     common = {"logging_steps": 1, "save_steps": 50, "dtype": "float32"}
     task_eval = {"path": "heldout.jsonl", "max_new_tokens": 4}

@@ -194,7 +194,7 @@ def grpo_variance_histogram(series: Series) -> Plot | None:
     for (label, r), colour in zip(rounds, _colours(len(rounds))):
         variances = [q["variance"] for q in r["queries"]]
         tag = f"round {r['round']} ({r['reason']})" + (f", {label}" if len(series) > 1 else "")
-        ax.hist(variances, bins=20, alpha=0.5, color=colour, label=tag)
+        ax.hist(variances, bins=20, alpha=0.55 if len(rounds) > 1 else 0.9, color=colour, label=tag)
     ax.legend(fontsize=8)
     return Plot("variance_histogram", "Distribution of the queries' reward variance under the policy of each ordering "
                 "round; queries at zero variance give GRPO no signal (all samples rewarded alike).", fig)
