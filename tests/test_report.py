@@ -216,3 +216,16 @@ def test_a_warning_repeated_is_logged_once(caplog):
     for _ in range(3):
         console._warn_once(FutureWarning("`x` is deprecated"), FutureWarning, "/a/lib/mod.py", 7)
     assert [r.getMessage() for r in caplog.records] == ["FutureWarning: `x` is deprecated (lib/mod.py:7)"]
+
+
+def test_a_report_that_cannot_be_drawn_warns_once_and_the_run_stands(tmp_path, monkeypatch, caplog):
+    import qwen_align.report
+    from qwen_align import cli
+
+    def broken(run_dirs, out=None):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(qwen_align.report, "write_report", broken)
+    assert cli._report_after_run(tmp_path) is None
+    warned = [r.getMessage() for r in caplog.records if r.name == "qwen_align.report"]
+    assert len(warned) == 1 and "RuntimeError: no fonts" in warned[0] and "qwen-align report" in warned[0]
