@@ -86,6 +86,8 @@ def _plan(args) -> None:
         print(f"   {params}")
         if stage.trains:
             print(f"   global batch: {stage.batch_arithmetic(recipe.num_processes)}")
+            if recipe.integrations(stage):
+                print(f"   report_to: {', '.join(recipe.integrations(stage))}")
 
 
 def _run(args) -> None:

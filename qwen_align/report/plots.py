@@ -29,6 +29,10 @@ def _figure(title: str, xlabel: str, ylabel: str, width: float = 6.4, height: fl
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    if xlabel == "optimizer step":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig, ax
 
 
@@ -128,7 +132,7 @@ def dpo_heldout_pairs(series: Series) -> Plot | None:
     if not any(pairs for _, pairs in rows):
         return None
     fig, ax = _figure("held-out pairs, before and after DPO", "", "share of pairs")
-    groups = ["implicit-reward accuracy", "policy prefers chosen (before)", "policy prefers chosen (after)"]
+    groups = ["implicit-reward\naccuracy", "policy prefers\nchosen, before", "policy prefers\nchosen, after"]
     values = [(label, [p["after"]["pair_accuracy"], p["before"]["logp_accuracy"], p["after"]["logp_accuracy"]]
                if p else [None] * 3) for label, p in rows]
     _bars(ax, groups, values)
@@ -144,7 +148,7 @@ def rm_heldout(series: Series) -> Plot | None:
     if not any(v[0] is not None for _, v in values):
         return None
     fig, ax = _figure("reward model on held-out pairs", "", "share of pairs")
-    _bars(ax, ["pair accuracy (chosen scored higher)", "ties"], values)
+    _bars(ax, ["pair accuracy\n(chosen scored higher)", "ties"], values)
     ax.set_ylim(0, 1.1)
     return Plot("heldout_pairs", "Share of held-out pairs whose chosen reply the reward model scores above the "
                 "rejected one, and the share of ties.", fig)
