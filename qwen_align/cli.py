@@ -100,8 +100,8 @@ def _run(args) -> None:
     run_dir = Path(recipe.run_dir).resolve()
     print(f"manifest: {run_dir / 'manifest.json'}")
     if distributed.is_main():
-        report = _report_after_run(run_dir)
         print(console.summary_table(manifest))
+        report = _report_after_run(run_dir)
         if report:
             print(f"report: {report / 'report.html'}")
 
