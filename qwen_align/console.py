@@ -43,18 +43,22 @@ def _warn_once(message, category, filename, lineno, file=None, line=None) -> Non
 
 
 class _LoadReportFilter(logging.Filter):
-    """transformers prints a coloured "LOAD REPORT" table when a checkpoint lacks a key the model has (the reward
-    model's fresh `score` head); it becomes one plain line at INFO, which goes to the stage log only."""
+    """transformers prints a coloured "LOAD REPORT" table when checkpoint and model keys differ. It becomes one
+    plain line: at INFO (the stage log only) when keys are only missing, i.e. newly initialised (the reward model's
+    `score` head from a policy checkpoint); as a warning when some are unexpected or mismatched."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if "LOAD REPORT" not in message:
             return True
         text = ANSI.sub("", message)
-        head = text.splitlines()[0].replace(" LOAD REPORT", ":").strip()
-        keys = [line.split("|")[0].strip() + f" ({line.split('|')[1].strip().lower()})"
-                for line in text.splitlines()[1:] if line.count("|") >= 2 and not line.startswith(("Key", "-"))]
-        logging.getLogger("qwen_align.model").info("%s; %s", head, ", ".join(keys) or "see transformers' report")
+        head = text.splitlines()[0].replace(" LOAD REPORT from:", " loaded from").strip()
+        rows = [[cell.strip() for cell in line.split("|")] for line in text.splitlines()[1:]
+                if line.count("|") >= 2 and not line.startswith(("Key", "-"))]
+        statuses = {row[1].lower() for row in rows}
+        level = logging.INFO if statuses <= {"missing"} else logging.WARNING
+        keys = ", ".join(f"{row[0]} ({row[1].lower()})" for row in rows) or "see transformers' loading report"
+        logging.getLogger("qwen_align.model").log(level, "%s; %s", head, keys)
         return False
 
 

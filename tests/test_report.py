@@ -229,3 +229,21 @@ def test_a_report_that_cannot_be_drawn_warns_once_and_the_run_stands(tmp_path, m
     assert cli._report_after_run(tmp_path) is None
     warned = [r.getMessage() for r in caplog.records if r.name == "qwen_align.report"]
     assert len(warned) == 1 and "RuntimeError: no fonts" in warned[0] and "qwen-align report" in warned[0]
+
+
+def test_a_load_report_becomes_one_line_a_warning_only_for_keys_that_do_not_fit(caplog):
+    import logging
+
+    from qwen_align.console import _LoadReportFilter
+
+    table = ("\x1b[1mQwen2ForSequenceClassification LOAD REPORT\x1b[0m from: /run/dpo/final\nKey | Status | \n"
+             "----+--------+-\nscore.weight | MISSING | \n{extra}\nNotes:\n- MISSING:\tnewly initialized")
+    caplog.set_level("INFO", logger="qwen_align.model")
+    for extra in ("", "lm_head.weight | UNEXPECTED | "):
+        record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1,
+                                   table.format(extra=extra), None, None)
+        assert _LoadReportFilter().filter(record) is False  # the table itself is not printed
+    (missing, unexpected) = caplog.records
+    assert missing.levelno == logging.INFO and "\x1b" not in missing.getMessage()
+    assert missing.getMessage() == "Qwen2ForSequenceClassification loaded from /run/dpo/final; score.weight (missing)"
+    assert unexpected.levelno == logging.WARNING and "lm_head.weight (unexpected)" in unexpected.getMessage()
