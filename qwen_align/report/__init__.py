@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 __all__ = ["write_report", "read_manifest", "load_runs"]
 
 # Metrics shown under "data" rather than "metrics", and those left to the figures or too detailed to list.
-DATA_KEYS = ("data", "lengths", "queries", "samples", "pairs", "sft_rows", "mixed", "all_pass", "all_fail",
-             "duplicate_samples", "truncated_samples", "heldout_pairs", "train_pairs", "eval_pairs")
+DATA_KEYS = ("queries", "samples", "pairs", "sft_rows", "mixed", "all_pass", "all_fail", "duplicate_samples",
+             "truncated_samples", "heldout_pairs", "samples_consumed", "queries_dropped")
 HIDDEN = ("heldout/", "pairs_per_query/", "passes_per_query/", "sampling/", "fingerprint", "data/bad_row_examples",
           "review_rejections/", "heldout_pairs/before/pairs", "heldout_pairs/after/pairs")
 
@@ -77,7 +77,7 @@ def _split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     for key, value in flat.items():
         if key.startswith(HIDDEN) or key in HIDDEN:
             continue
-        target = data if key.split("/")[0] in DATA_KEYS else other
+        target = data if key in DATA_KEYS or key.startswith(("data/", "lengths/")) else other
         target[key] = int(value) if isinstance(value, float) and value.is_integer() and target is data else value
     return data, other
 
