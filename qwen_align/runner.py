@@ -6,6 +6,8 @@ run_dir/
   fingerprints.json cache of input files' sha256 by (path, size, mtime_ns), for the config hashes
   logs/<stage>.log  the stage's log
   <stage>/final     the stage's output checkpoint; <stage>/checkpoints holds trainer checkpoints for resuming
+  <stage>/tensorboard  event files, with `report_to: tensorboard`
+  report/           report.md, report.html, figures/ (written by `qwen-align run` at the end, see qwen_align.report)
 
 A completed stage whose config hash (its options, the contents of its input files, its upstream's hash) is
 unchanged is skipped; an interrupted one resumes from its last trainer checkpoint; a changed one starts over.
