@@ -247,3 +247,20 @@ def test_a_load_report_becomes_one_line_a_warning_only_for_keys_that_do_not_fit(
     assert missing.levelno == logging.INFO and "\x1b" not in missing.getMessage()
     assert missing.getMessage() == "Qwen2ForSequenceClassification loaded from /run/dpo/final; score.weight (missing)"
     assert unexpected.levelno == logging.WARNING and "lm_head.weight (unexpected)" in unexpected.getMessage()
+
+
+def test_under_torchrun_only_the_main_rank_prints_and_reports(small_sft_recipe):
+    import yaml
+
+    path, raw = small_sft_recipe
+    raw["stages"][0].pop("task_eval")
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "qwen_align.cli", "run", str(path)], cwd=path.parent, capture_output=True, text=True,
+                          env={**_cli_env(), "OMP_NUM_THREADS": "1"}, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "{'loss'" not in out and "\x1b[" not in out
+    assert out.count("[sft] done:") == 1 and out.count("report: ") == 1 and out.count("stage  status") == 1
+    assert "[sft] train: 100%" in out
+    assert (path.parent / "run" / "report" / "report.html").is_file()
