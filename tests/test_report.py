@@ -249,6 +249,7 @@ def test_a_load_report_becomes_one_line_a_warning_only_for_keys_that_do_not_fit(
     assert unexpected.levelno == logging.WARNING and "lm_head.weight (unexpected)" in unexpected.getMessage()
 
 
+@pytest.mark.slow  # 2 processes, about 30 s; the default run already has the chain
 def test_under_torchrun_only_the_main_rank_prints_and_reports(small_sft_recipe):
     import yaml
 
