@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="write report.md and report.html (plots per stage) for run directories")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="several overlay their curves, labelled by folder")
-    rep.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN_DIR/report of the first)")
+    rep.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN_DIR/report; "
+                     "several: the first's report-compare)")
 
     st = sub.add_parser("status", help="print a run directory's manifest as a table")
     st.add_argument("run_dir", metavar="RUN_DIR")

@@ -185,10 +185,13 @@ def _html(runs: list[Run], sections: list[Section], pngs: dict[int, bytes]) -> s
 
 
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
-    """Write report.md, report.html and figures/ into `out` (default: `<first run dir>/report`); returns `out`.
-    The folder appears whole: an earlier report there is replaced only once the new one is written."""
+    """Write report.md, report.html and figures/ into `out` (default: `<first run dir>/report`, or
+    `<first run dir>/report-compare` for several, so a comparison never replaces the run's own report); returns
+    `out`. The folder appears whole: an earlier report there is replaced only once the new one is written."""
     runs = load_runs(run_dirs)
-    out = Path(out) if out is not None else runs[0].path / "report"
+    if out is None:
+        out = runs[0].path / ("report" if len(runs) == 1 else "report-compare")
+    out = Path(out)
     sections = build_sections(runs)
     pngs: dict[int, bytes] = {}
     files: dict[int, str] = {}
