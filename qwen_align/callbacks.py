@@ -93,7 +93,9 @@ class Preemption(TrainerCallback):
 
 def training_callbacks(stage, context: StageContext) -> list[TrainerCallback]:
     """The callbacks each training stage passes to its Trainer."""
-    callbacks: list[TrainerCallback] = [MetricsLogger(context, stage.name), Preemption()]
+    from .console import StageProgress
+
+    callbacks: list[TrainerCallback] = [MetricsLogger(context, stage.name), Preemption(), StageProgress(stage.name)]
     if stage.save_every_minutes:
         callbacks.append(TimedSave(stage.save_every_minutes))
     return callbacks

@@ -1,4 +1,4 @@
-"""`qwen-align`: plan and run recipes, build the offline Qwen2.5 tokenizer."""
+"""`qwen-align`: plan and run recipes, report on and show the status of runs, build the offline Qwen2.5 tokenizer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import distributed
+from . import console, distributed
 from .errors import Interrupted, UserError
 
 
@@ -30,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", metavar="NAME[,NAME]", help="run only these stages (their inputs must exist)")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a recipe key, e.g. stages.sft.learning_rate=1e-5")
+
+    rep = sub.add_parser("report", help="write report.md and report.html (plots per stage) for run directories")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="several overlay their curves, labelled by folder")
+    rep.add_argument("--out", metavar="DIR", help="where the report goes (default: RUN_DIR/report; "
+                     "several: the first's report-compare)")
+
+    st = sub.add_parser("status", help="print a run directory's manifest as a table")
+    st.add_argument("run_dir", metavar="RUN_DIR")
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
@@ -79,6 +87,8 @@ def _plan(args) -> None:
         print(f"   {params}")
         if stage.trains:
             print(f"   global batch: {stage.batch_arithmetic(recipe.num_processes)}")
+            if recipe.integrations(stage):
+                print(f"   report_to: {', '.join(recipe.integrations(stage))}")
 
 
 def _run(args) -> None:
@@ -88,11 +98,40 @@ def _run(args) -> None:
     recipe = load_recipe(args.recipe, args.set, world_size=distributed.world_size())
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     manifest = run_recipe(recipe, until=args.until, only=only)
-    print(f"manifest: {Path(recipe.run_dir).resolve() / 'manifest.json'}")
-    for name, entry in manifest["stages"].items():
-        acc = entry.get("metrics", {}).get("heldout_accuracy")
-        extra = f", held-out accuracy {acc:.1%}" if acc is not None else ""
-        print(f"  {name}: {entry.get('status')}{extra}")
+    run_dir = Path(recipe.run_dir).resolve()
+    print(f"manifest: {run_dir / 'manifest.json'}")
+    if distributed.is_main():
+        print(console.summary_table(manifest))
+        report = _report_after_run(run_dir)
+        if report:
+            print(f"report: {report / 'report.html'}")
+
+
+def _report_after_run(run_dir: Path) -> Path | None:
+    """The run's report, written at the end of `run`; a report that cannot be drawn warns and the run stands."""
+    from .report import write_report
+
+    try:
+        return write_report([run_dir])
+    except Exception as e:  # noqa: BLE001 - the stages' outputs and the manifest are what the run is for
+        logging.getLogger("qwen_align.report").warning("the report was not written (%s: %s); run `qwen-align report "
+                                                       "%s` to retry", type(e).__name__, e, run_dir)
+        return None
+
+
+def _report(args) -> None:
+    from .report import write_report
+
+    out = write_report(args.run_dirs, args.out)
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+
+
+def _status(args) -> None:
+    from .report import read_manifest
+
+    manifest = read_manifest(args.run_dir)
+    print(f"{args.run_dir}: recipe {manifest.get('recipe', '?')}, updated {manifest.get('updated_at', '?')}")
+    print(console.status_table(manifest))
 
 
 def _tokenizer_build(args) -> None:
@@ -140,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             # Once, before any Trainer, with the long timeout: a rank may wait while another writes a checkpoint.
             distributed.init()
             _one_voice()
+            console.quiet_libraries()
             _run(args)
+        elif args.command == "report":
+            _report(args)
+        elif args.command == "status":
+            _status(args)
         elif args.command == "tokenizer":
             _tokenizer_build(args)
         elif args.command == "eval-rm":

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import distributed
+from .console import progress
 from .data import conversation_problem, iter_rows
 from .errors import DataError, UserError
 from .verifiers import row_problem, verify
@@ -113,7 +113,7 @@ def generate_samples(
             results = {i: samples for batch in per_batch for i, samples in batch.items()}
             return [results[i] for i in range(len(texts))]
         results: dict[int, list[Sample]] = {}
-        for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
+        for idx in progress(batches, desc=desc, unit="batch"):
             results.update(_generate_batch(model, tokenizer, texts, idx, params, end_ids))
         return [results[i] for i in range(len(texts))]
     finally:

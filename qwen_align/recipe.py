@@ -21,6 +21,13 @@ from . import distributed, registry
 from .errors import RecipeError
 
 
+def _check_report_to(value):
+    from .tracking import normalise
+
+    normalise(value)  # ValueError names the bad value
+    return value
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -176,6 +183,14 @@ class StageConfig(Strict):
         "checkpoints small."
     )
     save_total_limit: int | None = Field(2, description="Keep only this many trainer checkpoints.")
+    report_to: str | list[str] | None = Field(
+        None, description="This stage's trackers (see the recipe's `report_to`); default: the recipe's."
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_ok(cls, v):
+        return _check_report_to(v)
 
     @model_validator(mode="after")
     def _pure_bf16_is_bf16(self):
@@ -235,6 +250,11 @@ class Recipe(Strict):
     seed: int = Field(42, description="Seeds model init, data mixing, sampling and training.")
     num_processes: int = Field(1, gt=0, description="Processes the chain runs on (global batch arithmetic); unset: "
                                "the launch's world size; set: a run with another world size stops.")
+    report_to: str | list[str] = Field(
+        "none", description="Trackers every training stage logs to through the transformers integrations: none, "
+        "tensorboard (`<stage>/tensorboard`), wandb (offline unless an API key is set), mlflow, trackio; a list for "
+        "several. The run is named `<recipe>-<stage>`; each stage's manifest metrics follow as its summary."
+    )
     stages: list[SerializeAsAny[StageConfig]] = Field(min_length=1, description="The chain, run in order.")
 
     # Where the recipe came from; not part of the schema.
@@ -245,6 +265,17 @@ class Recipe(Strict):
             if s.name == name:
                 return s
         raise RecipeError(f"{self.source}: no stage named '{name}' (stages: {', '.join(s.name for s in self.stages)})")
+
+    @field_validator("report_to")
+    @classmethod
+    def _report_to_ok(cls, v):
+        return _check_report_to(v)
+
+    def integrations(self, stage: StageConfig) -> list[str]:
+        """The trackers `stage` reports to: its own `report_to`, else the recipe's."""
+        from .tracking import normalise
+
+        return normalise(stage.report_to if stage.report_to is not None else self.report_to)
 
     def resolved_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -537,8 +568,8 @@ def upstream_stages(recipe: Recipe, stage: StageConfig) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-# How often a stage logs and saves does not change what it computes: editing these resumes the stage.
-BOOKKEEPING_OPTIONS = frozenset({"logging_steps", "save_steps", "save_every_minutes", "save_total_limit"})
+# How often a stage logs and saves, and where it reports, do not change what it computes: editing these resumes the stage.
+BOOKKEEPING_OPTIONS = frozenset({"logging_steps", "save_steps", "save_every_minutes", "save_total_limit", "report_to"})
 
 
 def stage_hash(recipe: Recipe, stage: StageConfig, upstream_hash: str | None, fingerprints=None) -> str:

@@ -6,6 +6,8 @@ run_dir/
   fingerprints.json cache of input files' sha256 by (path, size, mtime_ns), for the config hashes
   logs/<stage>.log  the stage's log
   <stage>/final     the stage's output checkpoint; <stage>/checkpoints holds trainer checkpoints for resuming
+  <stage>/tensorboard  event files, with `report_to: tensorboard`
+  report/           report.md, report.html, figures/ (written by `qwen-align run` at the end, see qwen_align.report)
 
 A completed stage whose config hash (its options, the contents of its input files, its upstream's hash) is
 unchanged is skipped; an interrupted one resumes from its last trainer checkpoint; a changed one starts over.
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import distributed, registry
+from . import distributed, registry, tracking
 from .errors import Interrupted, RecipeError, UserError
 from .fingerprint import Fingerprints
 from .fsutil import atomic_write_json
@@ -179,15 +181,20 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
     stage = _with_stage_sources(stage, context)
     context.stage_config = stage
     module = registry.stage_module(stage.kind)
+    integrations = recipe.integrations(stage)
     print(f"[{stage.name}] {stage.kind} from {context.init_source}" + (f", resuming {resume}" if resume else ""))
     manifest.update(
         stage.name, kind=stage.kind, status="running", config_hash=config_hash, init_from=context.init_source,
         started_at=_now(), versions=library_versions(), resumed_from=resume, error=None,
+        hyperparameters={k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                         for k, v in stage.key_hyperparameters().items()}
+        | ({"global_batch": stage.global_batch(recipe.num_processes)} if stage.trains else {}),
     )
     with _stage_log(run_dir / "logs" / _log_name(stage.name)) as stage_log:
         try:
             context.check_task_eval(stage)  # before any compute: a bad held-out row must not wait for training
-            result: StageResult = module.run(stage, context)
+            with tracking.stage_environment(integrations, recipe.source, stage_dir, run_dir):
+                result: StageResult = module.run(stage, context)
         except Interrupted as e:
             manifest.update(stage.name, status="interrupted", interrupted_at_step=e.step, signal=e.signal_name,
                             finished_at=_now())
@@ -209,6 +216,9 @@ def _run_stage(recipe: Recipe, stage: StageConfig, hashes: dict[str, str], manif
             stage.name, status="completed", output=str(result.output),
             outputs={k: str(v) for k, v in result.outputs.items()}, metrics=result.metrics, finished_at=_now(),
         )
+    if integrations and distributed.is_main():
+        tracking.log_summary(integrations, recipe.source, stage.name, stage_dir, result.metrics,
+                             int(result.metrics.get("train_steps") or 0))
     print(f"[{stage.name}] done: {result.output}")
 
 
@@ -224,7 +234,7 @@ def _last_checkpoint(folder: Path) -> str | None:
     return last_whole_checkpoint(folder)
 
 
-LOGGERS = ("qwen_align", "transformers", "trl", "sft", "dpo", "grpo", "reward_model")
+LOGGERS = ("qwen_align", "transformers", "trl", "sft", "dpo", "grpo", "reward_model", "py.warnings")
 
 
 class _stage_log:

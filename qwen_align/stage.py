@@ -188,7 +188,10 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
     """
     import torch
 
+    from . import tracking
+
     allow_fsdp_on_cpu()  # before the Trainer sets up accelerate
+    reporting = tracking.trainer_arguments(context.recipe.integrations(stage), context.recipe.source, stage.name)
 
     return dict(
         output_dir=str(context.checkpoints_dir),
@@ -210,7 +213,7 @@ def trainer_arguments(stage: StageConfig, context: StageContext) -> dict[str, An
         activation_checkpointing=stage.gradient_checkpointing and not launch_backend().activation_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
         **mixed_precision_arguments(stage),
-        report_to="none",
+        **reporting,  # report_to, run_name (and trackio's project); tracking.stage_environment sets the folders
         ddp_timeout=int(distributed.DEFAULT_TIMEOUT.total_seconds()),
     )
 

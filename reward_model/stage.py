@@ -87,7 +87,6 @@ def run(stage: Config, context: StageContext) -> StageResult:
     if heldout:
         held = heldout_metrics(model, tokenizer, heldout, stage)
         metrics.update(held)
-        metrics["heldout_accuracy"] = held["heldout_pair_accuracy"]  # the key `qwen-align run` prints
         print(f"[{stage.name}] held-out pair accuracy: {held['heldout_pair_accuracy']:.1%} on {len(heldout)} pairs "
               f"(mean margin {held['heldout_mean_margin']:+.3f})")
         context.log_metrics({"stage": stage.name, **{k: v for k, v in held.items()}})

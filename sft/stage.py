@@ -47,6 +47,12 @@ def run(stage: Config, context: StageContext) -> StageResult:
         f"no target left {lengths.dropped_no_target}, no prefix mask {lengths.dropped_no_prefix}, bad rows skipped {data_report['bad_rows_skipped']})"
     )
     model = context.load_policy(stage, tokenizer)
+    before = {}
+    if stage.task_eval is not None and context.resume_checkpoint is None:  # the start's accuracy: the chain's baseline
+        print(f"[{stage.name}] before SFT:")
+        use_cache = model.config.use_cache
+        before = context.evaluate_task(stage, model, tokenizer)
+        model.config.use_cache = use_cache  # as the model came: training builds no KV cache
     attn = model.config._attn_implementation
     if stage.packing:
         check_document_masking(attn)
@@ -70,5 +76,7 @@ def run(stage: Config, context: StageContext) -> StageResult:
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     model = save_trained_model(trainer, tokenizer, context, stage)
     metrics = {**train_metrics(train_output), "data": data_report, "lengths": lengths.as_dict()}
+    if before:
+        metrics["heldout_accuracy_before"] = before["heldout_accuracy"]
     metrics.update(context.evaluate_task(stage, model, tokenizer))
     return StageResult(output=context.output_dir, metrics=metrics)

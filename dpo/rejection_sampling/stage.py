@@ -171,7 +171,7 @@ class ChunkRunner:
 
 def _empty_stats() -> dict[str, Any]:
     return {"queries": 0, "samples": 0, "passed": 0, "by_verifier": {}, "outcomes": Counter(),
-            "pairs": 0, "pairs_per_query": Counter(), "duplicate_samples": 0, "review_rejections": Counter(),
+            "pairs": 0, "pairs_per_query": Counter(), "passes_per_query": Counter(), "duplicate_samples": 0, "review_rejections": Counter(),
             "no_pairs_after_review": 0}
 
 
@@ -188,6 +188,7 @@ def _count(stats: dict[str, Any], verifier: str, cands: list[Candidate], built) 
     stats["outcomes"][built.outcome] += 1
     stats["pairs"] += len(built.pairs)
     stats["pairs_per_query"][str(len(built.pairs))] += 1
+    stats["passes_per_query"][str(passed)] += 1  # of len(cands) samples: the report's pass-rate histogram
     stats["duplicate_samples"] += built.duplicates
     stats["review_rejections"].update(built.review_rejections)
     if built.outcome == "mixed" and not built.pairs:
@@ -220,13 +221,14 @@ def summarise(total: dict[str, Any], chunks: int, resumed: int, seconds: float, 
         for name, v in sorted(total.get("by_verifier", {}).items())
     }
     histogram = dict(sorted(total.get("pairs_per_query", {}).items(), key=lambda kv: int(kv[0])))
+    passes = dict(sorted(total.get("passes_per_query", {}).items(), key=lambda kv: int(kv[0])))
     return {
         "queries": total.get("queries", 0), "samples": samples,
         "pass_rate": round(total.get("passed", 0) / samples, 4) if samples else 0.0,
         "by_verifier": by_verifier,
         "all_pass": outcomes.get("all_pass", 0), "all_fail": outcomes.get("all_fail", 0),
         "mixed": outcomes.get("mixed", 0), "no_pairs_after_review": total.get("no_pairs_after_review", 0),
-        "pairs": total.get("pairs", 0), "pairs_per_query": histogram,
+        "pairs": total.get("pairs", 0), "pairs_per_query": histogram, "passes_per_query": passes,
         "sft_rows": total.get("sft_rows", 0), "duplicate_samples": total.get("duplicate_samples", 0),
         "truncated_samples": total.get("truncated_samples", 0),
         "mean_response_tokens": round(total.get("response_tokens", 0) / samples, 2) if samples else 0.0,

@@ -106,7 +106,9 @@ class AtomicCheckpoints:
         """The Trainer's train(); raises `Interrupted` once a `Preemption` callback has stopped it (after the
         progress bar closed, so the interrupted line is the last one printed)."""
         from ..callbacks import Preemption
+        from ..console import use_stage_progress
 
+        use_stage_progress(self)  # the stage's own bar replaces the Trainer's printers of log dicts
         preemption = [c for c in self.callback_handler.callbacks if isinstance(c, Preemption)]
         try:
             output = super().train(*args, **kwargs)
