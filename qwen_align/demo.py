@@ -14,6 +14,7 @@ Everything is seeded: the same command writes the same files.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from pathlib import Path
@@ -34,14 +35,18 @@ SYSTEM_PROMPTS = [
 CODE_SYSTEM_PROMPT = "You write short, correct Python."
 
 
-def _math_problem(rng: random.Random) -> tuple[str, int, str]:
+MATH_MIX = {"plain_add": 6, "plain_sub": 3, "add": 0.5, "sub": 0.5}  # relative shares of the problem kinds
+TOKENIZER_MIX = {"plain_add": 6, "plain_sub": 3, "add": 0.5, "sub": 0.5}  # the tokenizer's fixed corpus
+
+
+def _math_problem(rng: random.Random, mix: dict[str, float] = MATH_MIX) -> tuple[str, int, str]:
     """(question, answer, key) — key identifies the problem so held-out sets stay disjoint from training.
 
     Mostly bare sums and differences of two-digit numbers, plus a tenth of word problems of the same
     arithmetic (harder for a tiny model: the numbers move around). A 1M-parameter model learns the mix to a
     middling accuracy in a few minutes of CPU, leaving room for the RL stages.
     """
-    kind = rng.choices(["plain_add", "plain_sub", "add", "sub"], weights=[6, 3, 0.5, 0.5])[0]
+    kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     if kind.endswith("sub"):
         a, b = max(a, b), min(a, b)
@@ -90,15 +95,16 @@ def _prompt(question: str, system: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
-def build_rows(seed: int = 0, n_math: int = 6000, n_code: int = 400, n_heldout: int = 1000,
-               n_prompts: int = 2048) -> dict[str, list[dict[str, Any]]]:
+def build_rows(seed: int = 0, n_math: int = 1000, n_code: int = 0, n_heldout: int = 1000,
+               n_prompts: int = 2048, mix: dict[str, float] = MATH_MIX) -> dict[str, list[dict[str, Any]]]:
     rng = random.Random(seed)
+    math_problem = functools.partial(_math_problem, mix=mix)
     taken_math: set[str] = set()
     taken_code: set[str] = set()
     # Held-out first, so training never sees those problems.
     heldout = [
         {"messages": _prompt(q, SYSTEM_PROMPTS[0]), "verifier": "exact", "answer": str(a), "family": "arithmetic"}
-        for q, a, _ in _unique(_math_problem, rng, n_heldout, taken_math)
+        for q, a, _ in _unique(math_problem, rng, n_heldout, taken_math)
     ]
     heldout_code = [
         {"messages": _prompt(q, CODE_SYSTEM_PROMPT), "verifier": "code", "tests": t, "entry_point": f,
@@ -107,11 +113,11 @@ def build_rows(seed: int = 0, n_math: int = 6000, n_code: int = 400, n_heldout: 
     ]
     prompts = [
         {"messages": _prompt(q, SYSTEM_PROMPTS[0]), "verifier": "exact", "answer": str(a), "family": "arithmetic"}
-        for q, a, _ in _unique(_math_problem, rng, n_prompts, taken_math)
+        for q, a, _ in _unique(math_problem, rng, n_prompts, taken_math)
     ]
     sft = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": str(a)}]}
-        for q, a, _ in _unique(_math_problem, rng, n_math, taken_math)
+        for q, a, _ in _unique(math_problem, rng, n_math, taken_math)
     ]
     # Code problems are few (3 ops x 29 constants): training repeats them, held-out ones stay unseen.
     for _ in range(n_code):
@@ -134,9 +140,10 @@ def write_demo_data(out: Path, seed: int = 0) -> None:
         atomic_write_text(out / f"{name}.jsonl", _jsonl(items))
     atomic_write_text(out / "system_prompts.txt", "\n".join(SYSTEM_PROMPTS) + "\n")
 
-    # Train the tokenizer on what the model will read, weighted as it reads it: every example also carries
-    # role names and a system prompt (mostly the template's default one).
-    texts = [m["content"] for r in rows["sft"] for m in r["messages"]]
+    # The tokenizer is trained on a fixed corpus (arithmetic and code conversations of a larger draw, role names
+    # and system prompts, weighted as the model reads them), so resizing the data sets never changes token ids.
+    corpus = build_rows(seed, n_math=6000, n_code=400, n_heldout=200, n_prompts=1024, mix=TOKENIZER_MIX)["sft"]
+    texts = [m["content"] for r in corpus for m in r["messages"]]
     texts += ["system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\nuser\nassistant\n"] * 500
     texts += (SYSTEM_PROMPTS + [CODE_SYSTEM_PROMPT]) * 1000
     tokenizer = train_demo_tokenizer(texts, vocab_size=512)
