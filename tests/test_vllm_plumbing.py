@@ -21,7 +21,8 @@ from qwen_align.generation import SamplingParams, VLLMSampler, resolve_backend
 
 
 def context(tmp_path):
-    return SimpleNamespace(checkpoints_dir=tmp_path / "ckpt", seed=3)
+    recipe = SimpleNamespace(source=None, integrations=lambda stage: [])  # no trackers
+    return SimpleNamespace(checkpoints_dir=tmp_path / "ckpt", seed=3, recipe=recipe)
 
 
 def test_grpo_vllm_options_reach_grpo_config(tmp_path):
