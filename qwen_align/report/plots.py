@@ -183,21 +183,24 @@ def rs_pairs_per_query(series: Series) -> Plot | None:
     return Plot("pairs_per_query", "How many queries gave 0, 1, ... pairs (capped by `max_pairs_per_prompt`).", fig)
 
 
-def _rounds(series: Series):
+def _rounds(series: Series) -> list[tuple[dict, str]]:
+    """(round, legend tag) for every ordering round that lists its queries."""
+    out = []
     for label, stage in series:
         for r in (stage.ordering or {}).get("rounds", []):
-            yield label, r
+            if r.get("queries"):
+                out.append((r, f"round {r['round']} ({r['reason']})" + (f", {label}" if len(series) > 1 else "")))
+    return out
 
 
 def grpo_variance_histogram(series: Series) -> Plot | None:
-    rounds = [(label, r) for label, r in _rounds(series) if r.get("queries")]
+    rounds = _rounds(series)
     if not rounds:
         return None
     fig, ax = _figure("reward variance per query, each ordering round", "reward variance over the query's samples",
                       "queries")
-    for (label, r), colour in zip(rounds, _colours(len(rounds))):
+    for (r, tag), colour in zip(rounds, _colours(len(rounds))):
         variances = [q["variance"] for q in r["queries"]]
-        tag = f"round {r['round']} ({r['reason']})" + (f", {label}" if len(series) > 1 else "")
         ax.hist(variances, bins=20, alpha=0.55 if len(rounds) > 1 else 0.9, color=colour, label=tag)
     ax.legend(fontsize=8)
     return Plot("variance_histogram", "Distribution of the queries' reward variance under the policy of each ordering "
@@ -205,14 +208,13 @@ def grpo_variance_histogram(series: Series) -> Plot | None:
 
 
 def grpo_variance_by_position(series: Series) -> Plot | None:
-    rounds = [(label, r) for label, r in _rounds(series) if r.get("queries")]
+    rounds = _rounds(series)
     if not rounds:
         return None
     fig, ax = _figure("reward variance against position in the order", "position the query is fed at",
                       "reward variance")
-    for (label, r), colour in zip(rounds, _colours(len(rounds))):
+    for (r, tag), colour in zip(rounds, _colours(len(rounds))):
         points = sorted((q["position"], q["variance"]) for q in r["queries"] if q.get("position") is not None)
-        tag = f"round {r['round']} ({r['reason']})" + (f", {label}" if len(series) > 1 else "")
         ax.scatter([p for p, _ in points], [v for _, v in points], s=8, color=colour, label=tag)
     ax.legend(fontsize=8)
     return Plot("variance_by_position", "Each query's reward variance against the position it is fed to the trainer "
