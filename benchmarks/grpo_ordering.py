@@ -5,7 +5,9 @@ ordering pass's samples and re-ranks from the training rollouts (the stage's def
 the shuffled arm does not. Per arm and seed: the training reward (verifier pass rate of the sampled responses)
 and the held-out greedy accuracy against samples consumed, and the samples needed to reach a target held-out
 accuracy. `--arms ... stale` adds the older arm (one ordering made before training, replayed every pass, its
-samples not trained on: extra rollouts); `no-cache` is the ordered arm without training on its samples.
+samples not trained on: extra rollouts); `no-cache` is the ordered arm without training on its samples;
+`whole-pass` samples the whole set before training (no windows); `ordered-noskip` / `shuffled-noskip` take
+the optimizer step on batches without gradient too (TRL's behaviour).
 
 `--hard N --easy M` mix N unanswerable (6-digit products: every sample fails) and M trivial (repeat a number:
 every sample passes) queries into the set: the regime where many groups give GRPO no gradient, which is what
@@ -92,20 +94,26 @@ def query_set(args, tmp) -> Path:
 
 
 ARMS = {  # arm: the stage keys it sets
-    "ordered": {"order_by_reward_variance": True},
+    "ordered": {"order_by_reward_variance": True},  # the first pass ranked window by window (the default)
+    "whole-pass": {"order_by_reward_variance": True, "ordering_window": None},  # the whole set sampled first
     "shuffled": {"order_by_reward_variance": False},
     "stale": {"order_by_reward_variance": True, "reorder_each_epoch": False, "train_on_ordering_samples": False},
     "no-cache": {"order_by_reward_variance": True, "train_on_ordering_samples": False},
+    # as ordered / shuffled, but AdamW steps on batches with no gradient too (TRL's behaviour)
+    "ordered-noskip": {"order_by_reward_variance": True, "skip_steps_without_gradient": False},
+    "shuffled-noskip": {"order_by_reward_variance": False, "skip_steps_without_gradient": False},
 }
 
 
 def one_run(policy_dir, arm, seed, args, heldout, tmp, queries_path):
     set_seed(seed)
+    ordered = ARMS[arm]["order_by_reward_variance"]
     tokenizer = load_tokenizer(policy_dir)
     raw = {"model": str(policy_dir), "run_dir": str(tmp), "seed": seed, "stages": [{
         "name": "grpo", "kind": "grpo", "data": {"sources": [{"path": str(queries_path)}]},
         "rewards": [{"kind": "verifier"}], **ARMS[arm],
-        **({"low_variance_policy": args.low_variance_policy} if arm != "shuffled" else {}),
+        **({"low_variance_policy": args.low_variance_policy} if ordered else {}),
+        **({"ordering_window": None} if args.low_variance_policy == "drop" and ordered else {}),
         "per_device_train_batch_size": args.queries_per_step * 8, "gradient_accumulation_steps": 1,
         "max_steps": args.steps, "learning_rate": args.lr, "max_completion_length": 6, "logging_steps": 1,
         "save_steps": 10_000, "dtype": "float32", "lr_scheduler_type": "constant"}]}
@@ -131,6 +139,7 @@ def one_run(policy_dir, arm, seed, args, heldout, tmp, queries_path):
         "ordering_only": cost.get("rollouts_for_ordering_only", 0),
         "low_variance_queries": schedule.rounds[0]["low_variance"] if schedule is not None else None,
         "queries": len(queries), "zero_std_fraction": curve.zero_std_fraction(),
+        "steps_skipped": trainer.step_skipper.skipped if trainer.step_skipper is not None else 0,
     }
 
 
@@ -174,7 +183,7 @@ def main():
                 runs.append(r)
                 print(f"seed {seed} {r['arm']:8s} acc {r['accuracy'][0][1]:.1%} -> {r['accuracy'][-1][1]:.1%}  "
                       f"final reward(10-step mean) {smooth(r['reward'])[-1][1]:.3f}  zero-std groups "
-                      f"{r['zero_std_fraction']:.0%}  train {r['train_s']} s  ordering {r['ordering_s']} s, "
+                      f"{r['zero_std_fraction']:.0%}  steps skipped {r['steps_skipped']}  train {r['train_s']} s  ordering {r['ordering_s']} s, "
                       f"{r['ordering_only']} samples not trained on", flush=True)
     # Targets: per seed, the midpoint between the start accuracy and the best any arm reached; for the
     # training reward, 90% of the best smoothed reward any arm reached.

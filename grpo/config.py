@@ -64,6 +64,16 @@ class Config(StageConfig):
     beta: float = Field(0.0, ge=0, description="KL coefficient.")
     epsilon: float = Field(0.2, gt=0, description="Clipping epsilon (lower bound).")
     epsilon_high: float | None = Field(None, gt=0, description="Upper clipping bound; default: epsilon.")
+    delta: float | None = Field(
+        None, gt=1, description="Two-sided clipping (TRL's `delta`, INTELLECT-2): the importance ratio of a "
+        "negative-advantage token is capped at delta too, so samples far older than the policy (the ordering "
+        "pass's, trained on many steps later) cannot give an unbounded push."
+    )
+    skip_steps_without_gradient: bool = Field(
+        True, description="Skip the optimizer step when the gradient is exactly zero (every group's rewards "
+        "equal, β = 0), so AdamW's momentum does not move the weights on a step that learned nothing. "
+        "Single process and DDP; off under FSDP2 / ZeRO-3."
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantage scaling (TRL).")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -80,6 +90,12 @@ class Config(StageConfig):
     train_on_ordering_samples: bool = Field(
         True, description="Train on the ordering pass's samples (with their sampling log-probs, TRL's importance "
         "ratio correcting for their age) instead of generating those queries again: ordering costs no extra rollout."
+    )
+    ordering_window: int | None = Field(
+        8, gt=0, description="The first pass is ranked this many generation batches at a time, as training reaches "
+        "them: each window's queries are sampled then and ranked highest variance first (flat ones last); trained "
+        "on, the samples are at most this many batches old. null: the whole query set is sampled before training "
+        "(the last queries' samples are a whole pass old when trained on)."
     )
     ordering_batch_size: int = Field(64, gt=0, description="Prompts generated at once in an ordering pass.")
     variance_epsilon: float = Field(
@@ -126,6 +142,9 @@ class Config(StageConfig):
         explicit_epoch = "reorder_each_epoch" in self.model_fields_set and self.reorder_each_epoch
         if not self.order_by_reward_variance and (self.reorder_every_steps or explicit_epoch):
             raise ValueError("reorder_every_steps / reorder_each_epoch need order_by_reward_variance: true")
+        if self.order_by_reward_variance and self.ordering_window and self.low_variance_policy == "drop":
+            raise ValueError("low_variance_policy: drop decides before training which queries to leave out, so it "
+                             "needs the whole set ranked first: set ordering_window: null")
         if (self.order_by_reward_variance and self.train_on_ordering_samples and self.ordering_samples is not None
                 and self.ordering_samples != self.num_generations):
             raise ValueError(f"ordering_samples {self.ordering_samples} != num_generations {self.num_generations}: "

@@ -1,8 +1,12 @@
 """Reward-variance ordering of the query set, and the schedule the training sampler follows.
 
-The *initial round* samples `num_generations` responses per query with the step-0 policy, scores them with the
+The *initial round* samples `num_generations` responses per query with the current policy, scores them with the
 stage's rewards and ranks the queries by the variance of their (weighted) reward, highest first: a query whose
-responses all score alike gives GRPO no advantage, hence no gradient. After that the schedule keeps a per-query
+responses all score alike gives GRPO no advantage, hence no gradient. With a `window` (in generation batches) the
+first pass is ranked window by window as training reaches it: each window's queries are sampled then and ranked
+highest variance first (its flat queries last), and the samples are trained on within `window` generation batches
+instead of up to a whole pass later. Without one, the whole set is sampled before training. After that the
+schedule keeps a per-query
 estimate from the training rollouts themselves (`observe`: the latest generation batch's variance of each query,
 with the step it was measured at), and later rounds (`reorder_each_epoch`, `reorder_every_steps`) re-rank the
 queries not yet used in the pass by their latest estimate, without sampling (`source: rollouts`); a query with
@@ -49,10 +53,12 @@ def score_of(query_id: int, rewards: list[float]) -> QueryScore:
 
 
 def rank(scores: list[QueryScore], epsilon: float) -> tuple[list[QueryScore], list[QueryScore]]:
-    """(high, low): variance above epsilon, highest first; the rest. Ties keep query-id order."""
+    """(high, low): variance above epsilon, highest first, then the never-measured (NaN: not known to be flat);
+    the rest. Ties keep query-id order."""
     high = sorted((s for s in scores if s.variance > epsilon), key=lambda s: (-s.variance, s.query_id))
+    unknown = [s for s in scores if math.isnan(s.variance)]
     low = sorted((s for s in scores if s.variance <= epsilon), key=lambda s: s.query_id)
-    return high, low
+    return high + unknown, low
 
 
 Scorer = Callable[[list[int]], list[QueryScore]]
@@ -72,6 +78,7 @@ class OrderingSchedule:
         epsilon: float = 1e-6, policy: str = "last", reorder_every_chunks: int | None = None,
         reorder_each_epoch: bool = False, artifact: Path | None = None, on_round=None, source: str = "rollouts",
         needs_samples: Callable[[int], bool] | None = None, clock: Callable[[], int] | None = None,
+        window: int | None = None, chunk_budget: int | None = None,
     ):
         self.num_queries = num_queries
         self.queries_per_chunk = queries_per_chunk
@@ -85,6 +92,9 @@ class OrderingSchedule:
         self.source = source
         self.needs_samples = needs_samples or (lambda query_id: False)
         self.clock = clock or (lambda: 0)
+        self.window = window  # generation batches per first-pass ordering round; None: the whole set at once
+        self.chunk_budget = chunk_budget  # generation batches the run will consume (None: unknown, whole passes)
+        self.unscored: set[int] = set()  # first pass, windowed: queries not sampled yet
         # Per query, the latest score: {variance, mean, source, step, chunk, samples}.
         self.latest: dict[int, dict] = {}
         self.active = list(range(num_queries))  # queries training may use (drop removes some)
@@ -110,6 +120,11 @@ class OrderingSchedule:
     def initial_round(self) -> None:
         """The ordering before training; with `drop`, low-variance queries leave the active set here."""
         if self.rounds:
+            return
+        if self.window:
+            self.ranking = list(self.active)
+            self.unscored = set(self.active)
+            self._window_round(0, reason="initial")
             return
         self._round(list(self.active), start=0, reason="initial")
         if self.policy == "drop" and self.low:
@@ -143,6 +158,43 @@ class OrderingSchedule:
             "low_variance": len(low), "seconds": round(seconds, 3),
         }
         self.rounds.append({**summary, "queries": [self._entry(s.query_id, start + i) for i, s in enumerate(ordered)]})
+        self.last_round_chunk = self.chunks_done
+        self._save()
+        if self.on_round:
+            self.on_round(summary)
+
+    def _window_round(self, pos: int, reason: str = "window") -> None:
+        """First pass, windowed: sample the next `window` generation batches' worth of unsampled queries (no more
+        than the run has steps left for) and rank them into the pass at `pos`, after the already-sampled queries
+        still waiting there: highest variance first, the flat ones last. A flat query stays in its window: moved
+        to the end of the pass its samples would be old when reached and a whole batch of them gives a step with
+        no gradient (Adam's momentum still moves the weights); in its window it costs a few rows of a batch."""
+        size = self.queries_per_chunk
+        pass_end = self.num_chunks * size
+        left = None if self.chunk_budget is None else max(0, self.chunk_budget - self.chunks_done) * size
+        count = self.window * size if left is None else min(self.window * size, left)
+        chosen = [q for q in self.ranking[pos:pass_end] if q in self.unscored][:count]
+        if not chosen:
+            return  # the run ends before it reaches these queries
+        t0 = time.perf_counter()
+        scores = self._sample(chosen)
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        self.unscored -= set(chosen)
+        high, low = rank(scores, self.epsilon)
+        self.low |= {s.query_id for s in low}
+        rest = [q for q in self.ranking[pos:] if q not in set(chosen)]
+        waiting = [q for q in rest if q not in self.unscored]  # sampled by the last window, not yet handed out
+        unsampled = [q for q in rest if q in self.unscored]
+        # A query once placed keeps its position: each round's entries say where it is consumed.
+        self.ranking = self.ranking[:pos] + waiting + [s.query_id for s in high + low] + unsampled
+        summary = {
+            "round": len(self.rounds), "reason": reason, "source": "ordering_pass", "epoch": max(self.epoch, 0),
+            "chunk": self.chunks_done, "step": self.clock(), "start_position": pos + len(waiting),
+            "scored": len(scores), "low_variance": len(low), "seconds": round(seconds, 3),
+        }
+        first = pos + len(waiting)
+        self.rounds.append({**summary, "queries": [self._entry(s.query_id, first + i) for i, s in enumerate(high + low)]})
         self.last_round_chunk = self.chunks_done
         self._save()
         if self.on_round:
@@ -217,18 +269,23 @@ class OrderingSchedule:
         self.rescored = set()
         if not self.rounds:
             self.initial_round()
-        elif self.epoch > 0 and self.reorder_each_epoch:
+            return
+        if self.epoch > 0:  # a windowed first pass is over: later ranks come from the rollouts
+            self.unscored = set()
+        if self.epoch > 0 and self.reorder_each_epoch:
             self.ranking = []
             self._round(list(self.active), start=0, reason="epoch")
 
     def _before_chunk(self, pos: int) -> None:
         """Rounds due before the chunk at `pos` is handed out."""
-        if self._due():
+        if self.unscored and any(q in self.unscored for q in self.ranking[pos : pos + self.queries_per_chunk]):
+            self._window_round(pos)
+        elif self._due() and not self.unscored:  # a windowed first pass re-ranks by its windows alone
             self._round(self.ranking[pos:], start=pos, reason="every_steps")
         if self.policy == "rescore":
             size = self.queries_per_chunk
             chunk = self.ranking[pos : pos + size]
-            stale = [q for q in chunk if q in self.low and q not in self.rescored]
+            stale = [q for q in chunk if q in self.low and q not in self.rescored and not self._scored_now(q)]
             if stale:
                 rest_low = [q for q in self.ranking[pos:] if q in self.low and q not in self.rescored]
                 self.rescored |= set(rest_low)
@@ -246,6 +303,7 @@ class OrderingSchedule:
             "num_queries": self.num_queries, "queries_per_chunk": self.queries_per_chunk,
             **{name: getattr(self, name) for name in self.STATE_FIELDS},
             "low": sorted(self.low), "rescored": sorted(self.rescored),
+            "unscored": sorted(self.unscored),
             "latest": [{"query_id": q, **e} for q, e in sorted(self.latest.items())],
         }
 
@@ -256,9 +314,15 @@ class OrderingSchedule:
         for name in self.STATE_FIELDS:
             setattr(self, name, state[name])
         self.low, self.rescored = set(state["low"]), set(state["rescored"])
+        self.unscored = set(state.get("unscored", ()))
         self.latest = {e["query_id"]: {k: v for k, v in e.items() if k != "query_id"} for e in state.get("latest", [])}
         self._resuming = True
         self._save()  # ordering.json again holds only the rounds of the run being continued
+
+    def _scored_now(self, query_id: int) -> bool:
+        """Sampled for this very chunk (a windowed round just now): nothing to re-score yet."""
+        e = self.latest.get(query_id)
+        return e is not None and e["source"] == "ordering_pass" and e["chunk"] == self.chunks_done
 
     def _due(self) -> bool:
         n = self.reorder_every_chunks

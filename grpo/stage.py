@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from datasets import Dataset
 from transformers import set_seed
@@ -21,7 +22,7 @@ from .config import Config
 from .ordering import OrderingSchedule
 from .queries import load_queries, reward_model_stage
 from .rewards import RewardModelReward, VerifierReward
-from .trainer import OrderedGRPOTrainer, QueryScorer, RolloutCache, load_ordering_state
+from .trainer import OrderedGRPOTrainer, QueryScorer, RolloutCache, SkipStepsWithoutGradient, load_ordering_state
 from .vllm import check_vllm_backend, vllm_arguments
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ def training_args(stage: Config, context: StageContext) -> GRPOConfig:
         beta=stage.beta,
         epsilon=stage.epsilon,
         epsilon_high=stage.epsilon_high,
+        delta=stage.delta,
         scale_rewards=stage.scale_rewards,
         temperature=stage.temperature,
         top_p=stage.top_p,
@@ -63,12 +65,21 @@ def build_rewards(stage: Config, context: StageContext, tokenizer, device) -> li
     return funcs
 
 
+def steps_per_chunk(args: GRPOConfig) -> float:
+    """Optimizer steps per generation batch (the unit the sampler draws)."""
+    return args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+
+
 def reorder_every_chunks(stage: Config, args: GRPOConfig) -> int | None:
-    """`reorder_every_steps` (optimizer steps) in generation batches, the unit the sampler draws."""
+    """`reorder_every_steps` (optimizer steps) in generation batches."""
     if not stage.reorder_every_steps:
         return None
-    steps_per_chunk = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
-    return max(1, round(stage.reorder_every_steps / steps_per_chunk))
+    return max(1, round(stage.reorder_every_steps / steps_per_chunk(args)))
+
+
+def chunk_budget(args: GRPOConfig) -> int | None:
+    """Generation batches a `max_steps` run consumes; None for an epochs run (it consumes whole passes)."""
+    return math.ceil(args.max_steps / steps_per_chunk(args)) if args.max_steps > 0 else None
 
 
 def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries, reward_funcs, callbacks=()):
@@ -88,6 +99,8 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
             sampled = summary["source"] != "rollouts"
             stats = {f"ordering/{k}": v for k, v in scorer.last_reward_stats.items()} if sampled else {}
             context.log_metrics({"stage": stage.name, **{f"ordering_{k}": v for k, v in summary.items()}, **stats})
+            if summary["reason"] == "window":
+                return  # one per window of the first pass: metrics.jsonl and ordering.json, not the console
             print(f"[{stage.name}] ordering round {summary['round']} ({summary['reason']}, from "
                   f"{summary['source']}): {summary['scored']} queries ranked, {summary['low_variance']} with reward "
                   f"variance <= {stage.variance_epsilon:g}, {summary['seconds']:.1f} s")
@@ -98,12 +111,15 @@ def make_trainer(stage: Config, context: StageContext, model, tokenizer, queries
             reorder_every_chunks=reorder_every_chunks(stage, args), reorder_each_epoch=stage.reorder_each_epoch,
             artifact=context.stage_dir / ORDERING_FILE if context.is_main_process else None, on_round=on_round,
             source=stage.reorder_source, needs_samples=(lambda q: not cache.has(q)) if cache is not None else None,
+            window=stage.ordering_window, chunk_budget=chunk_budget(args),
         )
+    skipper = SkipStepsWithoutGradient() if stage.skip_steps_without_gradient else None
     trainer = OrderedGRPOTrainer(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=list(callbacks), schedule=schedule, rollout_cache=cache,
+        callbacks=[*callbacks, *([skipper] if skipper else [])], schedule=schedule, rollout_cache=cache,
         peft_config=lora.peft_config(stage.lora, "causal_lm"),
     )
+    trainer.step_skipper = skipper
     if scorer is not None:
         scorer.bind(trainer)
         schedule.clock = lambda: trainer.state.global_step
@@ -132,18 +148,23 @@ def start_schedule(schedule: OrderingSchedule, context: StageContext, name: str,
 
 def ordering_metrics(schedule: OrderingSchedule, trainer: OrderedGRPOTrainer, runtime: float,
                      artifact: str) -> dict:
-    """What ordering cost: its seconds (against training's), and the samples it drew that no step trained on."""
-    initial = schedule.rounds[0]["seconds"] if schedule.rounds and schedule.rounds[0]["reason"] == "initial" else 0.0
-    during = schedule.seconds - initial  # rounds inside trainer.train() are part of train_runtime
-    training_only = max(runtime - during, 1e-9)
+    """What ordering cost: the sampling rounds' seconds; of those, the overhead -- what training would not have
+    spent without ordering: the log-prob pass over samples it trains on, and all of the samples it never trains
+    on -- against the training time; and the samples no step trained on."""
     scorer, cache = schedule.scorer, trainer.rollout_cache
     drawn = cache.generated if cache is not None else scorer.samples_drawn  # the cache's counts survive resume
     trained = cache.trained if cache is not None else 0
+    unused = (drawn - trained) / drawn if drawn else 0.0
+    logps = getattr(scorer, "logps_seconds", 0.0)
+    overhead = logps * (1 - unused) + schedule.seconds * unused
+    initial = schedule.rounds[0]["seconds"] if schedule.rounds and schedule.rounds[0]["reason"] == "initial" else 0.0
+    total = runtime + initial  # rounds inside trainer.train() are part of train_runtime; the first is not
     return {
         "ordering_rounds": len(schedule.rounds),
         "ordering_rounds_sampled": sum(r.get("source") != "rollouts" for r in schedule.rounds),
         "ordering_seconds": round(schedule.seconds, 2),
-        "ordering_overhead_pct": round(100 * schedule.seconds / training_only, 1),
+        "ordering_overhead_seconds": round(overhead, 2),
+        "ordering_overhead_pct": round(100 * overhead / max(total, 1e-9), 1),
         "ordering_samples_drawn": drawn,
         "ordering_samples_trained_on": trained,
         "rollouts_for_ordering_only": drawn - trained,
@@ -205,12 +226,14 @@ def run(stage: Config, context: StageContext) -> StageResult:
         "samples_consumed": train_output.global_step * trainer.args.per_device_train_batch_size
         * trainer.args.gradient_accumulation_steps * trainer.accelerator.num_processes,
     })
+    if trainer.step_skipper is not None:
+        metrics["steps_without_gradient"] = trainer.step_skipper.skipped
     if schedule is not None:
         metrics.update(ordering_metrics(schedule, trainer, runtime, str(context.stage_dir / ORDERING_FILE)))
         print(f"[{stage.name}] ordering: {metrics['ordering_rounds']} round(s) ({metrics['ordering_rounds_sampled']} "
-              f"sampled), {schedule.seconds:.1f} s = {metrics['ordering_overhead_pct']:.1f}% of training; "
-              f"{metrics['ordering_samples_drawn']} samples drawn, {metrics['rollouts_for_ordering_only']} not "
-              f"trained on")
+              f"sampled, {schedule.seconds:.1f} s); overhead {metrics['ordering_overhead_seconds']:.1f} s = "
+              f"{metrics['ordering_overhead_pct']:.1f}% of the stage's training; {metrics['ordering_samples_drawn']} "
+              f"samples drawn, {metrics['rollouts_for_ordering_only']} not trained on")
     if stage.task_eval is not None:
         print(f"[{stage.name}] after GRPO:")
         metrics.update(context.evaluate_task(stage, model, tokenizer))

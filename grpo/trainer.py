@@ -7,8 +7,12 @@ import hashlib
 import json
 import math
 import os
+import time
+from typing import NamedTuple
 
 import torch
+from accelerate.utils import gather
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.trainer.utils import pad
 
@@ -23,9 +27,19 @@ from .sampler import OrderedRepeatSampler
 ORDERING_STATE_FILE = "ordering_state.json"
 
 
+class CachedSample(NamedTuple):
+    """One response an ordering round sampled: its token ids, the sampling policy's per-token log-probs, and its
+    reward from each of the stage's reward functions (NaN where one does not apply; None: not kept)."""
+
+    completion_ids: list[int]
+    logps: list[float]
+    rewards: list[float] | None = None
+
+
 class RolloutCache:
     """Responses an ordering round sampled, per query, waiting for the trainer to reach the query: one group of
-    `num_generations` (completion token ids, per-token log-probs of the policy that sampled them) each.
+    `num_generations` `CachedSample`s each. Their rewards were computed when they were sampled, with the very
+    reward functions training uses, so a served batch is not scored again.
 
     A generation batch is served from the cache only when every query in it has a cached group (the same
     decision on every rank: all ranks hold the same cache and see the same query ids); otherwise the batch is
@@ -33,18 +47,18 @@ class RolloutCache:
     """
 
     def __init__(self):
-        self.groups: dict[int, list[tuple[list[int], list[float]]]] = {}
+        self.groups: dict[int, list[CachedSample]] = {}
         self.generated = 0  # samples put in by ordering rounds
         self.trained = 0  # samples the trainer trained on
 
-    def put(self, query_id: int, group: list[tuple[list[int], list[float]]]) -> None:
+    def put(self, query_id: int, group: list[CachedSample]) -> None:
         self.groups[query_id] = group
         self.generated += len(group)
 
     def has(self, query_id: int) -> bool:
         return query_id in self.groups
 
-    def take(self, batch_ids: list[int], first: int, count: int) -> list[tuple[list[int], list[float]]] | None:
+    def take(self, batch_ids: list[int], first: int, count: int) -> list[CachedSample] | None:
         """The samples for rows `first : first + count` of a generation batch whose rows (all ranks, in order)
         are `batch_ids` -- the j-th row of a query gets its group's j-th sample -- or None (not all cached)."""
         needed: dict[int, int] = {}
@@ -75,12 +89,17 @@ class RolloutCache:
 
     def state_dict(self) -> dict:
         return {"generated": self.generated, "trained": self.trained,
-                "groups": [{"query_id": q, "completion_ids": [c for c, _ in g], "logps": [lp for _, lp in g]}
+                "groups": [{"query_id": q, "completion_ids": [x.completion_ids for x in g],
+                            "logps": [x.logps for x in g], "rewards": [x.rewards for x in g]}
                            for q, g in sorted(self.groups.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         self.generated, self.trained = state["generated"], state["trained"]
-        self.groups = {e["query_id"]: list(zip(e["completion_ids"], e["logps"])) for e in state["groups"]}
+        self.groups = {
+            e["query_id"]: [CachedSample(c, lp, r) for c, lp, r in
+                            zip(e["completion_ids"], e["logps"], e.get("rewards") or [None] * len(e["logps"]))]
+            for e in state["groups"]
+        }
 
 
 class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
@@ -124,7 +143,7 @@ class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
         try:
             output = super()._generate_and_score_completions(inputs)
             if self._served is not None:
-                logps = pad([torch.tensor(lp, dtype=torch.float32) for _, lp in self._served], padding_value=0.0,
+                logps = pad([torch.tensor(x.logps, dtype=torch.float32) for x in self._served], padding_value=0.0,
                             padding_side="right")
                 width = output["completion_ids"].size(1)
                 logps = torch.nn.functional.pad(logps, (0, width - logps.size(1)))[:, :width]
@@ -139,10 +158,16 @@ class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
                                                  has_tool_images)
         if len(self._served) != len(prompt_ids):
             raise RuntimeError(f"rollout cache: {len(self._served)} cached rows for {len(prompt_ids)} prompts")
-        return [list(ids) for ids, _ in self._served], None
+        return [list(x.completion_ids) for x in self._served], None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        served = self._served
+        if served is not None and all(x.rewards is not None for x in served):
+            # Scored when sampled, by the same reward functions: gathered as TRL gathers its own.
+            local = torch.tensor([x.rewards for x in served], dtype=torch.float32, device=self.accelerator.device)
+            rewards_per_func = gather(local)
+        else:
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         ids = self._batch_query_ids
         if ids is not None:  # a training generation batch: rows of every rank, groups of num_generations
             per_func = rewards_per_func.cpu().T.tolist()
@@ -159,6 +184,35 @@ class OrderedGRPOTrainer(AtomicCheckpoints, GRPOTrainer):
             if self.rollout_cache is not None:
                 state["rollout_cache"] = self.rollout_cache.state_dict()
             atomic_write_json(os.path.join(output_dir, ORDERING_STATE_FILE), state)
+
+
+class SkipStepsWithoutGradient(TrainerCallback):
+    """Leaves weights and optimizer state alone on a step whose gradient is exactly zero.
+
+    With β = 0, a step whose every group scored its samples alike has all-zero advantages and so a zero
+    gradient; AdamW would still move the weights along its momentum (and decay them). Ordering makes such steps
+    common where many queries are flat (they are ranked together), and they measurably hurt (docs/grpo.md).
+    Clearing the gradients makes torch's optimizers skip every parameter. Single process and DDP only: there
+    every rank holds the same reduced gradient; under FSDP2 / ZeRO-3 a rank sees only its shard, so it is off.
+    """
+
+    def __init__(self):
+        self.skipped = 0
+        self.enabled: bool | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if self.enabled is None:
+            from qwen_align.stage import holds_shards
+
+            self.enabled = model is not None and not holds_shards(model) and not getattr(args, "deepspeed", None)
+        if not self.enabled or optimizer is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params or torch.stack(torch._foreach_norm([p.grad for p in params])).sum().item() != 0:
+            return
+        for p in params:
+            p.grad = None
+        self.skipped += 1
 
 
 def load_ordering_state(checkpoint: str) -> dict | None:
@@ -194,6 +248,7 @@ class QueryScorer:
         self.trainer = None
         self.last_reward_stats: dict[str, float] = {}
         self.samples_drawn = 0
+        self.logps_seconds = 0.0  # the sampling policy's log-prob pass: what caching adds to generating
 
     def bind(self, trainer) -> None:
         self.trainer = trainer
@@ -235,7 +290,9 @@ class QueryScorer:
         prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
         with torch.no_grad():
             completion_ids, _ = GRPOTrainer._generate_single_turn(trainer, prompt_ids, None, {}, k)
+            t0 = time.perf_counter()
             logps = self._logps(prompt_ids, completion_ids) if self.cache is not None else None
+            self.logps_seconds += time.perf_counter() - t0
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] for t in texts]
         columns = {key: [r[key] for r in rows] for key in rows[0] if key != "prompt"}
@@ -244,8 +301,9 @@ class QueryScorer:
         total = combined(per_func, self.weights)
         groups = None
         if logps is not None:
-            pairs = list(zip(completion_ids, logps))
-            groups = [pairs[i * k : (i + 1) * k] for i in range(len(batch))]
+            rewards = [[math.nan if v is None else float(v) for v in sample] for sample in zip(*per_func)]
+            samples = [CachedSample(c, lp, r) for c, lp, r in zip(completion_ids, logps, rewards)]
+            groups = [samples[i * k : (i + 1) * k] for i in range(len(batch))]
         return {
             "query_ids": batch, "groups": groups or [None] * len(batch),
             "scores": [score_of(q, total[i * k : (i + 1) * k]) for i, q in enumerate(batch)],

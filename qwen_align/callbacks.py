@@ -91,6 +91,50 @@ class Preemption(TrainerCallback):
         self.restore()  # the trainer (`AtomicCheckpoints.train`) raises `Interrupted` once train() is done
 
 
+class PeriodicTaskEval(TrainerCallback):
+    """`task_eval.every_steps`: the held-out accuracy every N optimizer steps, logged with the step; with
+    `task_eval.stop_at`, training stops at the first evaluation that reaches it (every rank computes the same
+    accuracy, so all stop at the same step).
+
+    Every rank answers its share (as after training). A rank holding parameter shards (FSDP2, ZeRO-3) would
+    have to gather them in step with the others through generate's uneven loops, so there it is skipped
+    with one warning; the stage's evaluation after training still runs on the whole saved model.
+    """
+
+    def __init__(self, stage, context: StageContext):
+        self.stage = stage
+        self.context = context
+        self.every = stage.task_eval.every_steps
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        step = state.global_step
+        if step % self.every or step >= state.max_steps or model is None:
+            return  # the last step's accuracy is the stage's own evaluation after training
+        from .stage import holds_shards
+
+        if holds_shards(model):
+            log.warning("stage '%s': task_eval.every_steps is skipped under a sharded backend (FSDP2 / ZeRO-3)",
+                        self.stage.name)
+            self.every = 10**12
+            return
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        was_training, use_cache = model.training, model.config.use_cache
+        model.eval()
+        try:
+            result = self.context.evaluate_task(self.stage, model, tokenizer, step=step)
+        finally:
+            model.config.use_cache = use_cache
+            model.train(was_training)
+        target = self.stage.task_eval.stop_at
+        if target is not None and result["heldout_accuracy"] >= target:
+            from .console import say
+
+            control.should_training_stop = True
+            self.context.log_metrics({"stage": self.stage.name, "step": step, "stopped_at_accuracy": target})
+            if self.context.is_main_process:
+                say(f"[{self.stage.name}] held-out accuracy reached stop_at {target:.0%}: training stops at step {step}")
+
+
 def training_callbacks(stage, context: StageContext) -> list[TrainerCallback]:
     """The callbacks each training stage passes to its Trainer."""
     from .console import StageProgress
@@ -98,4 +142,6 @@ def training_callbacks(stage, context: StageContext) -> list[TrainerCallback]:
     callbacks: list[TrainerCallback] = [MetricsLogger(context, stage.name), Preemption(), StageProgress(stage.name)]
     if stage.save_every_minutes:
         callbacks.append(TimedSave(stage.save_every_minutes))
+    if stage.task_eval is not None and stage.task_eval.every_steps:
+        callbacks.append(PeriodicTaskEval(stage, context))
     return callbacks

@@ -100,6 +100,15 @@ def progress(iterable, desc: str, unit: str):
     return tqdm(iterable, desc=desc, unit=unit, leave=False, disable=bool(getattr(tqdm, "_instances", None)))
 
 
+def say(text: str) -> None:
+    """Print a line; while a stage's bar is open, above it (tqdm.write) instead of onto its line."""
+    tqdm = _bar_class()
+    if getattr(tqdm, "_instances", None):
+        tqdm.write(text)
+    else:
+        print(text)
+
+
 try:  # a TrainerCallback when transformers is there (always, in a run); this module stays importable without it
     from transformers import TrainerCallback as _Callback
 except ImportError:  # pragma: no cover

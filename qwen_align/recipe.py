@@ -87,6 +87,21 @@ class TaskEval(Strict):
     max_new_tokens: int = Field(32, gt=0, description="Longest answer generated.")
     limit: int | None = Field(None, gt=0, description="Evaluate only the first N rows.")
     batch_size: int = Field(64, gt=0, description="Prompts generated at once.")
+    every_steps: int | None = Field(
+        None, gt=0, description="Also evaluate every N optimizer steps while training (logged as "
+        "`heldout_accuracy` at that step: a held-out curve in metrics.jsonl and the report); single-process and "
+        "DDP only. Each evaluation costs one greedy pass over the rows."
+    )
+    stop_at: float | None = Field(
+        None, gt=0, le=1, description="Stop training at the first `every_steps` evaluation whose accuracy reaches "
+        "this (max_steps stays the limit); the stage's output is the model of that step."
+    )
+
+    @model_validator(mode="after")
+    def _stop_needs_evaluations(self):
+        if self.stop_at is not None and not self.every_steps:
+            raise ValueError("stop_at is checked at the every_steps evaluations; set every_steps too")
+        return self
 
 
 class LoraOptions(Strict):

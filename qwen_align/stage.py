@@ -115,7 +115,8 @@ class StageContext:
             self._task_eval_rows = load_eval_rows(stage.task_eval.path, stage.task_eval.limit)
         return self._task_eval_rows
 
-    def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    def evaluate_task(self, stage: StageConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      step: int | None = None) -> dict:
         """Greedy answers to the stage's held-out prompts, verified; {} when the stage names none.
 
         Every rank calls it: each answers its share of the batches (the model is a full replica) and all get
@@ -130,10 +131,15 @@ class StageContext:
         result = task_accuracy(model, tokenizer, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size,
                                shard_batches=True)
         families = ", ".join(f"{k} {v:.1%}" for k, v in result["by_family"].items())
+        when = f" at step {step}" if step is not None else ""
         if self.is_main_process:
-            print(f"[{stage.name}] held-out accuracy: {result['accuracy']:.1%} on {result['num_examples']} prompts "
-                  f"({families})")
-        self.log_metrics({"stage": stage.name, "heldout_accuracy": result["accuracy"]})
+            from .console import say
+
+            say(f"[{stage.name}] held-out accuracy{when}: {result['accuracy']:.1%} on {result['num_examples']} "
+                f"prompts ({families})")
+        at_step = {} if step is None else {"step": step}
+        by_family = {f"heldout_accuracy/{k}": v for k, v in result["by_family"].items()}
+        self.log_metrics({"stage": stage.name, **at_step, "heldout_accuracy": result["accuracy"], **by_family})
         return {"heldout_accuracy": result["accuracy"], "heldout": result}
 
     def log_metrics(self, record: dict[str, Any]) -> None:

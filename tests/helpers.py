@@ -55,7 +55,7 @@ def tiny_chain_recipe(folder: Path, tokenizer_dir: Path, **top) -> Path:
              "merge_alpha": 1e-3, **common},
             {"name": "reward_model", "kind": "reward_model", "init_from": "dpo", "data": pairs, "eval_fraction": 0.25,
              "max_length": 64, "per_device_train_batch_size": 4, "max_steps": 3, "learning_rate": 3e-4, **common},
-            {"name": "grpo", "kind": "grpo", "init_from": "dpo", "task_eval": task_eval,
+            {"name": "grpo", "kind": "grpo", "init_from": "dpo", "task_eval": {**task_eval, "every_steps": 1},
              "rewards": [{"kind": "reward_model", "source": "reward_model", "weight": 0.1}, {"kind": "verifier"}],
              "num_generations": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
              "max_steps": 3, "max_completion_length": 4, "learning_rate": 5e-5, **common},

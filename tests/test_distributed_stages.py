@@ -3,8 +3,8 @@
 One recipe holds an sft, a dpo, a reward_model and a grpo stage, each starting from the same small
 checkpoint (so none waits for another's training); it runs once as 1 process with per-device batch 2b and
 once under `torch.distributed.run --nproc_per_node 2` with b. The launches go through this file's
-`__main__` (the real `qwen_align.cli.main`, plus a probe that records which queries GRPO's reward functions
-receive on each rank, and an optional injected failure on one rank).
+`__main__` (the real `qwen_align.cli.main`, plus a probe that records which queries GRPO's trainer
+consumes on each rank, and an optional injected failure on one rank).
 
 Tolerance for SFT/DPO/RM weights: the two runs differ only in the order fp32 sums are reduced (a gradient
 summed over 2b examples in one process, vs two sums of b all-reduced): the logged losses and gradient norms
@@ -64,7 +64,8 @@ def tiny_recipe(tmp: Path, start: Path, processes: int, stages=("sft", "dpo", "r
     heldout = {"path": str(files["queries"]), "max_new_tokens": 4, "batch_size": 3}
     all_stages = {
         "sft": {"name": "sft", "kind": "sft", "data": {"sources": [{"path": str(files["sft"])}]}, "packing": False, "max_length": 64,
-                "per_device_train_batch_size": 4 * k, "max_steps": 3, "learning_rate": 1e-3, "task_eval": heldout},
+                "per_device_train_batch_size": 4 * k, "max_steps": 3, "learning_rate": 1e-3,
+                "task_eval": {**heldout, "every_steps": 2}},  # and at step 2, while training
         "dpo": {"name": "dpo", "kind": "dpo", "data": {"sources": [{"path": str(files["pairs"])}]},
                 "eval_fraction": 0.25, "max_length": 64, "per_device_train_batch_size": 2 * k, "max_steps": 3,
                 "learning_rate": 1e-3, "reserve_rate": 0.5, "merge_alpha": 0.01, "base_model": "tiny", "eval_batch_size": 4},
@@ -199,6 +200,10 @@ def test_sharded_heldout_evals_equal_one_process_on_the_same_weights(runs):
     rows = load_eval_rows(stage.task_eval.path)
     alone = task_accuracy(model, tok, rows, stage.task_eval.max_new_tokens, stage.task_eval.batch_size)
     assert sft["heldout"] == alone
+    # the held-out evaluation during training: each rank answered its share there too
+    curves = [[(r["step"], r["heldout_accuracy"]) for r in map(json.loads, (runs[n] / "metrics.jsonl").open())
+               if r.get("stage") == "sft" and "heldout_accuracy" in r and "step" in r] for n in (1, 2)]
+    assert len(curves[0]) == 1 and curves[0] == curves[1]
     grpo = _manifest(runs[2])["grpo"]["metrics"]
     assert grpo["heldout_accuracy_before"] == _manifest(runs[1])["grpo"]["metrics"]["heldout_accuracy_before"]
     rm_two, rm_one = _manifest(runs[2])["rm"]["metrics"], _manifest(runs[1])["rm"]["metrics"]
@@ -216,10 +221,13 @@ def test_grpo_consumes_the_one_process_query_order(runs):
     two = json.loads((runs[2] / "grpo" / "ordering.json").read_text())
     assert one["rounds"][0]["queries"] == two["rounds"][0]["queries"]  # same scores, same order
     assert len({q["variance"] for q in two["rounds"][0]["queries"]}) > 1  # not a trivial (all-equal) order
-    # What the reward functions received while training: one process's generation batch = rank 0's + rank 1's.
-    single = [c["query_id"] for c in _received(runs[1].parent, 0) if not c["ordering"]]
-    r0 = [c["query_id"] for c in _received(runs[2].parent, 0) if not c["ordering"]]
-    r1 = [c["query_id"] for c in _received(runs[2].parent, 1) if not c["ordering"]]
+    # a step without gradient is skipped on every rank or on none (DDP: all ranks hold the reduced gradient)
+    skipped = [_manifest(runs[n])["grpo"]["metrics"]["steps_without_gradient"] for n in (1, 2)]
+    assert skipped[0] == skipped[1]
+    # What the trainer consumed: one process's generation batch = rank 0's + rank 1's.
+    single = [c["query_id"] for c in _received(runs[1].parent, 0)]
+    r0 = [c["query_id"] for c in _received(runs[2].parent, 0)]
+    r1 = [c["query_id"] for c in _received(runs[2].parent, 1)]
     assert len(single) == len(r0) == len(r1) > 0
     assert [a + b for a, b in zip(r0, r1)] == single
     ranking = [q["query_id"] for q in one["rounds"][0]["queries"]]
@@ -326,27 +334,25 @@ def test_demo_chain_two_processes_matches_one(tmp_path):
 # ------------------------------------------------------------------------------------------- the probe
 
 def _probe_main(argv: list[str]) -> int:
-    """`qwen_align.cli.main(argv)` with GRPO's verifier reward recording the query ids it receives on this rank
-    (PROBE_DIR), and a failure injected after training on rank FAIL_ON_RANK."""
+    """`qwen_align.cli.main(argv)` with GRPO's trainer recording the query ids of each training generation batch
+    on this rank (PROBE_DIR), and a failure injected after training on rank FAIL_ON_RANK."""
     sys.path.insert(0, str(REPO))
-    from grpo import rewards
     from qwen_align import cli, distributed, stage
 
     probe = os.environ.get("PROBE_DIR")
     if probe:
-        original = rewards.VerifierReward.__call__
+        from grpo.trainer import OrderedGRPOTrainer
 
-        def recording(self, prompts, completions, **columns):
-            frame, in_ordering = sys._getframe(1), False
-            while frame is not None:
-                in_ordering |= frame.f_code.co_name == "_score" and "grpo" in frame.f_code.co_filename
-                frame = frame.f_back
-            Path(probe).mkdir(parents=True, exist_ok=True)
-            with open(Path(probe) / f"rank{distributed.rank()}.jsonl", "a") as f:
-                f.write(json.dumps({"ordering": in_ordering, "query_id": list(columns.get("query_id", []))}) + "\n")
-            return original(self, prompts, completions, **columns)
+        original = OrderedGRPOTrainer._generate_and_score_completions
 
-        rewards.VerifierReward.__call__ = recording
+        def recording(self, inputs):  # each training generation batch, served from the ordering cache or generated
+            if self.model.training:
+                Path(probe).mkdir(parents=True, exist_ok=True)
+                with open(Path(probe) / f"rank{distributed.rank()}.jsonl", "a") as f:
+                    f.write(json.dumps({"query_id": [x["query_id"] for x in inputs]}) + "\n")
+            return original(self, inputs)
+
+        OrderedGRPOTrainer._generate_and_score_completions = recording
     fail_on = os.environ.get("FAIL_ON_RANK")
     if fail_on is not None:
         original_metrics = stage.train_metrics

@@ -70,3 +70,7 @@ def test_ordering_defaults_and_sample_count():
     with pytest.raises(ValidationError, match="ordering_samples 4 != num_generations 8"):
         Config(name="g", ordering_samples=4)
     assert Config(name="g", ordering_samples=4, train_on_ordering_samples=False).ordering_samples == 4
+    assert Config(name="g").ordering_window == 8
+    with pytest.raises(ValidationError, match="set ordering_window: null"):
+        Config(name="g", low_variance_policy="drop")
+    assert Config(name="g", low_variance_policy="drop", ordering_window=None).low_variance_policy == "drop"

@@ -12,7 +12,7 @@ from trl.trainer.utils import RepeatSampler
 from grpo.ordering import OrderingSchedule, QueryScore, consumed_order, rank, score_of
 from grpo.rewards import combined
 from grpo.sampler import OrderedRepeatSampler
-from grpo.trainer import RolloutCache
+from grpo.trainer import CachedSample, RolloutCache
 
 
 def fixed_scorer(variances):
@@ -100,19 +100,20 @@ def test_rounds_after_the_first_rank_by_the_rollouts_without_sampling():
 
 def test_rollout_cache_serves_whole_generation_batches_only():
     cache = RolloutCache()
-    cache.put(1, [([11], [-0.1]), ([12], [-0.2])])
-    cache.put(2, [([21], [-0.3]), ([22], [-0.4])])
-    cache.put(3, [([31], [-0.5]), ([32], [-0.6])])
+    S = CachedSample
+    cache.put(1, [S([11], [-0.1], [1.0]), S([12], [-0.2], [0.0])])
+    cache.put(2, [S([21], [-0.3], [0.25]), S([22], [-0.4], [1.0])])
+    cache.put(3, [S([31], [-0.5]), S([32], [-0.6])])
     # Rows [1, 1, 2, 2] over two ranks of 2 rows: rank 1 takes rows 2-3, query 2's two samples in order.
-    assert cache.take([1, 1, 2, 2], first=2, count=2) == [([21], [-0.3]), ([22], [-0.4])]
+    assert cache.take([1, 1, 2, 2], first=2, count=2) == [S([21], [-0.3], [0.25]), S([22], [-0.4], [1.0])]
     assert not cache.has(1) and not cache.has(2) and cache.trained == 4
     assert cache.take([3, 3, 4, 4], first=0, count=4) is None  # 4 has no samples: generate the batch anew
     assert not cache.has(3) and cache.ordering_only == 2  # 3's samples were never trained on
     restored = RolloutCache()
-    cache.put(5, [([51, 52], [-1.0, -2.0])])
+    cache.put(5, [S([51, 52], [-1.0, -2.0], [0.5, 1.0])])
     restored.load_state_dict(json.loads(json.dumps(cache.state_dict())))
     assert restored.groups == cache.groups and restored.generated == 7 and restored.trained == 4
-    restored.put(6, [([61], [-0.7])])
+    restored.put(6, [S([61], [-0.7])])
     restored.keep_only([6])  # `drop` left 5 out of training
     assert list(restored.groups) == [6] and restored.ordering_only == 4
 
@@ -137,3 +138,55 @@ def test_per_rank_slices_keep_groups():
     assert rebuilt == full
     assert full[:8] == [7, 7, 6, 6, 5, 5, 4, 4] and per_rank[0][0] == [7, 7, 6, 6] and per_rank[1][0] == [5, 5, 4, 4]
     assert torch.tensor(full).view(-1, 2).unique(dim=1).shape[1] == 1  # every group of 2 is one query
+
+
+def test_windowed_first_pass_samples_each_window_when_reached():
+    """window=2 (generation batches of 2 queries): the first pass samples 4 queries at a time, only when the
+    sampler reaches them, and ranks each window highest variance first, its flat queries last; the artifact's
+    positions give exactly the consumed order."""
+    variances = [0.0, 0.2, 0.1, 0.0, 0.3, 0.05, 0.4, 0.0, 0.15, 0.25, 0.0, 0.12, 0.0]
+    scorer = fixed_scorer(variances)
+    s = OrderingSchedule(13, 2, scorer, window=2)
+    s.initial_round()
+    assert scorer.calls == [[0, 1, 2, 3]]
+    chunks = s.chunks()
+    assert [next(chunks), next(chunks)] == [[1, 2], [0, 3]]
+    assert scorer.calls == [[0, 1, 2, 3]]
+    assert next(chunks) == [6, 4]
+    assert scorer.calls[-1] == [4, 5, 6, 7]  # the second window waited for the sampler to reach it
+    assert list(chunks) == [[5, 7], [9, 8], [11, 10]]
+    # Every query of the pass sampled once; query 12 (past the last whole generation batch) never.
+    assert len(scorer.calls) == 3 and scorer.calls[2] == [8, 9, 10, 11]
+    assert [r["reason"] for r in s.rounds] == ["initial", "window", "window"]
+    assert consumed_order({"rounds": s.rounds}, 12, 1) == [1, 2, 0, 3, 6, 4, 5, 7, 9, 8, 11, 10]
+    assert {e["query_id"] for r in s.rounds for e in r["queries"] if e["low_variance"]} == {0, 3, 7, 10}
+
+
+def test_windowed_pass_never_samples_more_than_the_run_consumes():
+    """A run of 3 generation batches samples 6 queries, no more, even when the sampler looks ahead."""
+    scorer = fixed_scorer([0.0, 0.2, 0.1, 0.3, 0.05, 0.4, 0.0, 0.15])
+    s = OrderingSchedule(8, 2, scorer, window=2, chunk_budget=3)
+    chunks = s.chunks()
+    assert [next(chunks) for _ in range(3)] == [[3, 1], [2, 0], [5, 4]]
+    next(chunks)  # a look-ahead past the budget samples nothing
+    assert scorer.calls == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_rescore_in_a_windowed_pass_waits_for_the_next_pass():
+    """A flat query of a window is reached right after it was sampled: nothing to re-score in the first pass."""
+    scorer = fixed_scorer([0.0, 0.2, 0.0, 0.3])
+    s = OrderingSchedule(4, 2, scorer, window=1, policy="rescore")
+    assert list(s.chunks()) == [[1, 0], [3, 2]]
+    assert scorer.calls == [[0, 1], [2, 3]] and {r["reason"] for r in s.rounds} == {"initial", "window"}
+
+
+def test_windowed_state_resumes_mid_pass():
+    scorer = fixed_scorer([0.0, 0.2, 0.1, 0.0, 0.3, 0.05, 0.4, 0.0])
+    s = OrderingSchedule(8, 2, scorer, window=1)
+    chunks = s.chunks()
+    first = [next(chunks), next(chunks)]
+    state = json.loads(json.dumps(s.state_dict()))
+    expected = list(chunks)
+    restored = OrderingSchedule(8, 2, fixed_scorer([0.0, 0.2, 0.1, 0.0, 0.3, 0.05, 0.4, 0.0]), window=1)
+    restored.load_state_dict(state)
+    assert list(restored.chunks()) == first + expected  # replays the handed-out chunks, then continues

@@ -103,7 +103,8 @@ def write_recipe(tmp_path: Path, demo_tokenizer_dir: Path, run_dir: Path) -> Pat
                "rewards": [{"kind": "verifier"}], "num_generations": 2,
                "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 14,
                "max_completion_length": 4, "temperature": 1.0, "learning_rate": 5e-3, "reorder_every_steps": 3,
-               "low_variance_policy": "rescore", "save_steps": 2, "save_total_limit": None, "logging_steps": 1,
+               "low_variance_policy": "rescore", "ordering_window": 1, "save_steps": 2, "save_total_limit": None,
+               "logging_steps": 1,
                "dtype": "float32",
            }]}
     path = tmp_path / f"recipe_{run_dir.name}.yaml"
@@ -143,9 +144,10 @@ def test_kill9_resume_matches_an_uninterrupted_run(tmp_path, demo_tokenizer_dir)
     recipe = write_recipe(tmp_path, demo_tokenizer_dir, run_dir)
     proc = start(recipe, run_log)
     # Right after checkpoint-4 is complete, outside any checkpoint write (a torn checkpoint is the atomic
-    # checkpoint writer's case, not this test's): in the middle of the first pass (6 steps each), with the
-    # initial pass's samples for the last two steps still waiting in the rollout cache, and before the second
-    # pass, which is ranked from the rollout estimates the checkpoint restores.
+    # checkpoint writer's case, not this test's): in the middle of the first pass (6 steps each), ranked one
+    # generation batch at a time (`ordering_window: 1`), with the next batch's samples waiting in the rollout
+    # cache and the last one's queries not sampled yet, and before the second pass, which is ranked from the
+    # rollout estimates the checkpoint restores.
     target = 4
     done = run_dir / "grpo" / "checkpoints" / f"checkpoint-{target}" / "trainer_state.json"
     deadline = time.monotonic() + 600
@@ -158,7 +160,7 @@ def test_kill9_resume_matches_an_uninterrupted_run(tmp_path, demo_tokenizer_dir)
     proc.wait()
     assert not (run_dir / "grpo" / "final").exists()
     saved = json.loads((done.parent / "ordering_state.json").read_text())
-    assert saved["rollout_cache"]["groups"] and saved["latest"]
+    assert saved["rollout_cache"]["groups"] and saved["latest"] and saved["unscored"]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["stages"]["grpo"]["status"] == "running"  # killed: nothing marked it
 

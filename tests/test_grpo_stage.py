@@ -14,7 +14,8 @@ from qwen_align.recipe import load_recipe, stage_hash
 from qwen_align.runner import run_recipe
 
 
-def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
+@pytest.mark.parametrize("window", [8, None])
+def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir, window):
     rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"}], "verifier": "exact",
              "answer": str(2 * i)} for i in range(8)]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -28,7 +29,8 @@ def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
                 "task_eval": {"path": "q.jsonl", "max_new_tokens": 3},
                 "rewards": [{"kind": "reward_model", "weight": 0.5}, {"kind": "verifier"}],
                 "num_generations": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-                "max_steps": 2, "max_completion_length": 3, "logging_steps": 1, "dtype": "float32"}]}
+                "max_steps": 2, "max_completion_length": 3, "logging_steps": 1, "dtype": "float32",
+                "ordering_window": window}]}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     recipe = load_recipe(path)
@@ -45,10 +47,13 @@ def test_grpo_stage_runs(tmp_path, demo_tokenizer, demo_tokenizer_dir):
     # The round was timed (a rollout takes time), and the manifest reports what the artifact recorded.
     assert m["ordering_rounds"] == len(artifact["rounds"]) == 1
     assert m["ordering_seconds"] > 0 and m["ordering_seconds"] == pytest.approx(artifact["ordering_seconds"], abs=0.01)
-    assert m["ordering_overhead_pct"] > 0
-    # 8 queries x 2 samples drawn; 2 steps of 2 queries train on half of them; the rest training never reached.
-    assert (m["ordering_samples_drawn"], m["ordering_samples_trained_on"], m["rollouts_for_ordering_only"]) == (16, 8, 8)
-    assert sorted(e["query_id"] for e in artifact["rounds"][0]["queries"]) == list(range(8))
+    assert m["ordering_overhead_pct"] > 0 and 0 < m["ordering_overhead_seconds"] < m["ordering_seconds"]
+    # 2 steps of 2 queries x 2 samples. A window samples only what the run will train on; the whole-set round
+    # samples all 8 queries, and training never reaches half of them.
+    drawn = (m["ordering_samples_drawn"], m["ordering_samples_trained_on"], m["rollouts_for_ordering_only"])
+    assert drawn == ((8, 8, 0) if window else (16, 8, 8))
+    ranked = sorted(e["query_id"] for e in artifact["rounds"][0]["queries"])
+    assert ranked == (list(range(4)) if window else list(range(8)))
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/reward_model/mean" in r and "rewards/verifier/std" in r for r in logged)
     assert any("ordering_seconds" in r for r in logged)

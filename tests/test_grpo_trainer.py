@@ -20,7 +20,7 @@ from qwen_align.stage import StageContext
 def _recipe(tmp_path, data_path, **grpo):
     raw = {"model": "tiny", "run_dir": str(tmp_path / "run"), "stages": [{
         "name": "grpo", "kind": "grpo", "data": {"sources": [{"path": str(data_path)}]},
-        "rewards": [{"kind": "verifier", "name": "noisy"}, {"kind": "verifier", "name": "recorder"}],
+        "rewards": [{"kind": "verifier", "name": "noisy"}, {"kind": "verifier", "name": "zero"}],
         "max_completion_length": 3, "learning_rate": 1e-4, "logging_steps": 100, "save_steps": 1000,
         "dtype": "float32", **grpo}]}
     return validate_recipe(raw, "recipe.yaml")
@@ -48,13 +48,18 @@ def test_trainer_consumes_the_saved_order(tmp_path, demo_tokenizer, layout):
         # always score 1 (no variance).
         return [(q * (i % 2)) if q % 3 else 1.0 for i, q in enumerate(query_id)]
 
-    def recorder(prompts, completions, query_id, **kw):
-        if "trainer_state" in kw:  # a training generation (the ordering pass passes no trainer state)
-            seen.append(list(query_id))
+    def zero(prompts, completions, **_):
         return [0.0] * len(prompts)
 
     policy = load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=0)
-    trainer, schedule = make_trainer(stage, context, policy, demo_tokenizer, queries, [noisy, recorder])
+    trainer, schedule = make_trainer(stage, context, policy, demo_tokenizer, queries, [noisy, zero])
+    score = trainer._generate_and_score_completions
+
+    def recording(inputs):  # each training generation batch, served from the cache or generated
+        seen.append([x["query_id"] for x in inputs])
+        return score(inputs)
+
+    trainer._generate_and_score_completions = recording
     schedule.initial_round()
     trainer.train()
 
@@ -82,10 +87,12 @@ def _texts_reward(prompts, completions, **_):
     return [float(sum(map(ord, c[0]["content"])) % 3) for c in completions]
 
 
-def test_ordering_costs_no_rollout_training_does_not_use(tmp_path, demo_tokenizer):
-    """Two passes over 12 queries (4 per step): the first pass trains on exactly the initial ordering pass's
-    samples with no generate() call; after it nothing is sampled for ordering; the ordering artifact's variances
-    are those of the rollouts training generated; the cached samples' log-probs are those of the sampling policy."""
+@pytest.mark.parametrize("window", [None, 1])
+def test_ordering_costs_no_rollout_training_does_not_use(tmp_path, demo_tokenizer, window):
+    """Two passes over 12 queries (4 per step): the first pass trains on exactly the ordering rounds' samples
+    (sampled all before training, or window by window as training reaches them) and the trainer generates
+    nothing itself; after it nothing is sampled for ordering; the ordering artifact's variances are those of the
+    rollouts training generated; the cached samples' log-probs are those of the sampling policy."""
     from grpo.stage import ordering_metrics
 
     torch.manual_seed(0)
@@ -93,35 +100,45 @@ def test_ordering_costs_no_rollout_training_does_not_use(tmp_path, demo_tokenize
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name {i}."}]}) + "\n"
                             for i in range(12)))
     recipe = _recipe(tmp_path, data, num_generations=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
-                     max_steps=6, max_completion_length=4, reorder_every_steps=1, temperature=1.5,
-                     rewards=[{"kind": "verifier", "name": "texts"}, {"kind": "verifier", "name": "recorder"}])
+                     max_steps=6, max_completion_length=4, reorder_every_steps=1, temperature=1.5, ordering_window=window,
+                     rewards=[{"kind": "verifier", "name": "texts"}])
     stage = recipe.stage("grpo")
     context = StageContext(recipe, tmp_path / "run" / "grpo", "tiny", None, tmp_path / "metrics.jsonl")
     queries, _ = load_queries(stage, context)
-    trained = []  # per training generation batch: step, query ids, completion ids, rewards
-
-    def recorder(prompts, completions, query_id, completion_ids=None, **kw):
-        if "trainer_state" in kw:
-            rewards = _texts_reward(prompts, completions)
-            trained.append({"step": kw["trainer_state"].global_step, "query_id": list(query_id),
-                            "completion_ids": [list(c) for c in completion_ids], "rewards": rewards})
-        return [0.0] * len(prompts)
+    trained = []  # per training generation batch: step, query ids, completion ids, rewards, advantages
 
     policy = load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=0)
     generate_calls = []
     original_generate = policy.generate
     policy.generate = lambda *a, **k: generate_calls.append(len(trained)) or original_generate(*a, **k)
     _texts_reward.__name__ = "texts"
-    trainer, schedule = make_trainer(stage, context, policy, demo_tokenizer, queries, [_texts_reward, recorder])
+    trainer, schedule = make_trainer(stage, context, policy, demo_tokenizer, queries, [_texts_reward])
+    cached, ordering = {}, []  # every group an ordering round put in the cache; generate() calls of the rounds
+    put, scorer = trainer.rollout_cache.put, schedule.scorer
+    trainer.rollout_cache.put = lambda q, group: cached.setdefault(q, group) and put(q, group)
+
+    def scoring(ids):
+        before = len(generate_calls)
+        out = scorer(ids)
+        ordering.extend(range(before, len(generate_calls)))
+        return out
+
+    schedule.scorer = scoring
     schedule.initial_round()
-    ordering_generates = len(generate_calls)
-    cached = {q: [ids for ids, _ in g] for q, g in trainer.rollout_cache.groups.items()}
     first_logps_gap = []
     original_score = trainer._generate_and_score_completions
 
     def checking(inputs):
+        step = trainer.state.global_step
+        sampled = [schedule.latest.get(q, {}) for q in set(x["query_id"] for x in inputs)]
         out = original_score(inputs)
-        if trainer.state.global_step == 0:  # the policy is still the one that sampled the cache
+        completions = [row[m.bool()].tolist() for row, m in zip(out["completion_ids"], out["completion_mask"])]
+        texts = demo_tokenizer.batch_decode(completions, skip_special_tokens=True)
+        trained.append({"step": step, "query_id": [x["query_id"] for x in inputs], "completion_ids": completions,
+                        "rewards": _texts_reward(None, [[{"content": t}] for t in texts]),
+                        "advantages": out["advantages"].tolist()})
+        if all(e.get("source") == "ordering_pass" and e["step"] == step for e in sampled):
+            # served from the cache, and the policy is still the one that sampled it
             ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
             mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
             with torch.no_grad():
@@ -134,14 +151,20 @@ def test_ordering_costs_no_rollout_training_does_not_use(tmp_path, demo_tokenize
     trainer._generate_and_score_completions = checking
     trainer.train()
 
-    assert len(trained) == 6 and ordering_generates > 0
-    # (b) no generate() for ordering after the initial pass; the first pass (3 batches) generates nothing either
-    assert generate_calls[ordering_generates:] == [3, 4, 5]
-    # (c) the first pass trains on the initial pass's samples, each query's in order
+    assert len(trained) == 6 and ordering
+    # (b) the trainer's own generate() calls: only after the first pass (3 batches), none for ordering after it
+    assert [n for i, n in enumerate(generate_calls) if i not in set(ordering)] == [3, 4, 5]
+    assert max(generate_calls[i] for i in ordering) < 3 and len(cached) == 12
+    # (c) the first pass trains on the ordering rounds' samples, each query's in order, with the rewards they were
+    # given when sampled (not scored again: the advantages are those of the cached rewards)
     for batch in trained[:3]:
         for i in range(0, 8, 2):
             q = batch["query_id"][i]
-            assert batch["completion_ids"][i : i + 2] == cached[q]
+            assert batch["completion_ids"][i : i + 2] == [x.completion_ids for x in cached[q]]
+            assert batch["rewards"][i : i + 2] == [x.rewards[0] for x in cached[q]]
+            r = batch["rewards"][i : i + 2]
+            assert batch["advantages"][i : i + 2] == pytest.approx([r[0] - sum(r) / 2, r[1] - sum(r) / 2], abs=1e-6) \
+                or max(abs(a) for a in batch["advantages"][i : i + 2]) > 0
     assert first_logps_gap and max(first_logps_gap) < 1e-4
     # (a) every score in the artifact is the variance of the rewards its rollouts got
     artifact = json.loads((context.stage_dir / "ordering.json").read_text())
@@ -150,14 +173,63 @@ def test_ordering_costs_no_rollout_training_does_not_use(tmp_path, demo_tokenize
         for i in range(0, 8, 2):
             r = batch["rewards"][i : i + 2]
             measured[(batch["query_id"][i], batch["step"])] = ((r[0] - r[1]) / 2) ** 2
-    initial = {e["query_id"]: e["variance"] for e in artifact["rounds"][0]["queries"]}
+    sampled_rounds = [r for r in artifact["rounds"] if r["source"] == "ordering_pass"]
+    assert [r["reason"] for r in sampled_rounds] == ["initial"] + ["window"] * (2 if window else 0)
+    initial = {e["query_id"]: e["variance"] for r in sampled_rounds for e in r["queries"]}
     first_pass = {q: v for (q, step), v in measured.items() if step < 3}
     assert initial == pytest.approx(first_pass) and len(set(initial.values())) > 1
-    later = [e for r in artifact["rounds"][1:] for e in r["queries"] if e["source"] == "rollouts"]
-    assert later and all(r["source"] == "rollouts" for r in artifact["rounds"][1:])
+    later_rounds = artifact["rounds"][len(sampled_rounds):]
+    later = [e for r in later_rounds for e in r["queries"] if e["source"] == "rollouts"]
+    assert later and all(r["source"] == "rollouts" for r in later_rounds)
     for e in later:
         assert e["variance"] == pytest.approx(measured[(e["query_id"], e["step"])])
     assert ordering_metrics(schedule, trainer, 1.0, "")["rollouts_for_ordering_only"] == 0
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_step_without_gradient_leaves_the_weights_alone(tmp_path, demo_tokenizer, skip):
+    """Step 1's rewards vary; from step 2 on every group scores alike (zero advantages, zero gradient). With
+    `skip_steps_without_gradient` the weights after the run are those after step 1; without, AdamW's momentum
+    keeps moving them (TRL's behaviour, the reason for the option)."""
+    from transformers import TrainerCallback
+
+    torch.manual_seed(0)
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name {i}."}]}) + "\n"
+                            for i in range(8)))
+    recipe = _recipe(tmp_path, data, num_generations=2, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                     max_steps=4, order_by_reward_variance=False, skip_steps_without_gradient=skip, learning_rate=1e-2,
+                     rewards=[{"kind": "verifier", "name": "first_step_only"}])
+    stage = recipe.stage("grpo")
+    context = StageContext(recipe, tmp_path / "run" / "grpo", "tiny", None, tmp_path / "metrics.jsonl")
+    queries, _ = load_queries(stage, context)
+    calls = []
+
+    def first_step_only(prompts, completions, **_):
+        calls.append(len(prompts))
+        return [float(i % 2) if len(calls) == 1 else 1.0 for i in range(len(prompts))]
+
+    class Snapshot(TrainerCallback):
+        after = {}
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.after[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    policy = load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=0)
+    start = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    trainer, _ = make_trainer(stage, context, policy, demo_tokenizer, queries, [first_step_only], callbacks=[Snapshot()])
+    trainer.train()
+
+    def moved(a, b):
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    assert len(calls) == 4 and moved(Snapshot.after[1], start) > 0  # step 1 learned something
+    if skip:
+        assert trainer.step_skipper.skipped == 3
+        assert moved(Snapshot.after[4], Snapshot.after[1]) == 0
+    else:
+        assert trainer.step_skipper is None
+        assert moved(Snapshot.after[4], Snapshot.after[1]) > 0
 
 
 def test_rewards(demo_tokenizer):

@@ -27,7 +27,8 @@ FIGURES = {
     "rejection_sampling": ["pass_rate_histogram", "pairs_per_query"],
     "dpo": ["loss", "learning_rate", "grad_norm", "rewards", "reward_margin", "heldout_pairs"],
     "reward_model": ["loss", "pair_accuracy", "margin", "heldout_pairs"],
-    "grpo": ["loss", "rewards", "entropy", "completion_length", "variance_histogram", "variance_by_position"],
+    "grpo": ["loss", "rewards", "entropy", "completion_length", "variance_histogram", "variance_by_position",
+             "heldout_during_training"],
 }
 
 

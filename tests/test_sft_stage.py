@@ -172,3 +172,30 @@ def test_a_stage_refuses_an_upstream_stage_that_changed_since_it_ran(small_sft_r
     changed = load_recipe(path, ["stages.sft.learning_rate=2e-3"])
     with pytest.raises(RecipeError, match="stage 'sft' is out of date .* run it first"):
         run_recipe(changed, only=["dpo"])
+
+
+def test_held_out_accuracy_every_n_steps_and_stop_at(small_sft_recipe, tmp_path):
+    """`every_steps` logs the held-out accuracy with its step, each the model's of that step (checked against a
+    second run stopped there); `stop_at` ends training at the first evaluation that reaches it."""
+    path, raw = small_sft_recipe
+    stage = raw["stages"][0]
+    stage.update(max_steps=4, task_eval={**stage["task_eval"], "every_steps": 1})
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    entry = run_recipe(load_recipe(path))["stages"]["sft"]
+    records = [json.loads(line) for line in open(f"{raw['run_dir']}/metrics.jsonl")]
+    curve = {r["step"]: r["heldout_accuracy"] for r in records if "heldout_accuracy" in r and "step" in r}
+    assert sorted(curve) == [1, 2, 3] and entry["metrics"]["train_steps"] == 4  # step 4 is the stage's own eval
+    # The step-2 point is the accuracy of the model after 2 steps: the same recipe stopped at max_steps 2.
+    two = run_recipe(load_recipe(path, [f"run_dir={tmp_path / 'two'}", "stages.sft.max_steps=2",
+                                        "stages.sft.task_eval.every_steps=100"]))["stages"]["sft"]
+    assert two["metrics"]["heldout_accuracy"] == curve[2]
+
+    # A held-out set every answer passes: the first evaluation (step 1) reaches any target.
+    anything = write_jsonl(tmp_path / "anything.jsonl", [{"messages": [{"role": "user", "content": "Hi"}],
+                                                         "verifier": "regex", "pattern": "(?s).*"}] * 2)
+    stopped = run_recipe(load_recipe(path, [f"run_dir={tmp_path / 'stop'}", f"stages.sft.task_eval.path={anything}",
+                                            "stages.sft.task_eval.stop_at=0.5"]))["stages"]["sft"]
+    assert stopped["status"] == "completed" and stopped["metrics"]["train_steps"] == 1
+    assert stopped["metrics"]["heldout_accuracy"] == 1.0
+    with pytest.raises(Exception, match="set every_steps too"):
+        load_recipe(path, ["stages.sft.task_eval.every_steps=null", "stages.sft.task_eval.stop_at=0.5"])

@@ -187,9 +187,14 @@ def _rounds(series: Series) -> list[tuple[dict, str]]:
     """(round, legend tag) for every ordering round that lists its queries."""
     out = []
     for label, stage in series:
-        for r in (stage.ordering or {}).get("rounds", []):
-            if r.get("queries"):
-                out.append((r, f"round {r['round']} ({r['reason']})" + (f", {label}" if len(series) > 1 else "")))
+        rounds = [r for r in (stage.ordering or {}).get("rounds", []) if r.get("queries")]
+        windows = [r for r in rounds if r["reason"] in ("initial", "window")]
+        tags = {id(r): f"round {r['round']} ({r['reason']})" for r in rounds}
+        if len(windows) > 1:  # a windowed first pass: its rounds drawn as one series
+            first = {"round": 0, "reason": "first pass", "queries": [q for r in windows for q in r["queries"]]}
+            tags[id(first)] = f"first pass ({len(windows)} windows)"
+            rounds = [first] + [r for r in rounds if r not in windows]
+        out += [(r, tags[id(r)] + (f", {label}" if len(series) > 1 else "")) for r in rounds]
     return out
 
 
@@ -213,9 +218,11 @@ def grpo_variance_by_position(series: Series) -> Plot | None:
         return None
     fig, ax = _figure("reward variance against position in the order", "position the query is fed at",
                       "reward variance")
+    total = sum(len(r["queries"]) for r, _ in rounds)
+    size = 8 if total > 200 else 24  # a short run's few points stay visible
     for (r, tag), colour in zip(rounds, _colours(len(rounds))):
         points = sorted((q["position"], q["variance"]) for q in r["queries"] if q.get("position") is not None)
-        ax.scatter([p for p, _ in points], [v for _, v in points], s=8, color=colour, label=tag)
+        ax.scatter([p for p, _ in points], [v for _, v in points], s=size, color=colour, label=tag)
     ax.legend(fontsize=8)
     return Plot("variance_by_position", "Each query's reward variance against the position it is fed to the trainer "
                 "at, per ordering round: high-variance queries first.", fig)
@@ -267,10 +274,35 @@ def chain_accuracy(runs: list[Run]) -> Plot | None:
                 "of the chain (the first stage's model before it trained), then after each stage that evaluates.", fig)
 
 
+def heldout_during_training(series: Series) -> Plot | None:
+    """`task_eval.every_steps`: held-out accuracy against the step, with the stage's start and end points."""
+    data = []
+    for label, stage in series:
+        steps, values = stage.series("heldout_accuracy")
+        if not steps:
+            continue
+        m = stage.metrics
+        if isinstance(m.get("heldout_accuracy_before"), (int, float)):
+            steps, values = [0, *steps], [m["heldout_accuracy_before"], *values]
+        if isinstance(m.get("heldout_accuracy"), (int, float)) and isinstance(m.get("train_steps"), int):
+            steps, values = [*steps, m["train_steps"]], [*values, m["heldout_accuracy"]]
+        data.append((label, steps, values))
+    if not data:
+        return None
+    fig, ax = _figure("held-out accuracy while training", "optimizer step", "share of prompts right")
+    for (label, steps, values), colour in zip(data, _colours(len(data))):
+        ax.plot(steps, values, marker="o", ms=3, color=colour, label=label)
+    if len(data) > 1:
+        ax.legend(fontsize=8)
+    return Plot("heldout_during_training", "Greedy answers to the held-out prompts, checked by their verifiers, every "
+                "`task_eval.every_steps` steps (with the stage's start and end).", fig)
+
+
 TRAINING = [
     curve("loss", "training loss", "loss", "The trainer's loss at each logged step."),
     curve("learning_rate", "learning rate", "learning rate", "The schedule's learning rate at each logged step."),
     curve("grad_norm", "gradient norm", "norm (before clipping)", "The gradient's global norm before clipping."),
+    heldout_during_training,
 ]
 
 BY_KIND: dict[str, list[Callable[[Series], Plot | None]]] = {
