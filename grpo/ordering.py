@@ -150,12 +150,16 @@ class OrderingSchedule:
         self.seconds += seconds
         high, low = rank(scores, self.epsilon)
         self.low = (self.low - set(query_ids)) | {s.query_id for s in low}
-        ordered = high + low
-        self.ranking = self.ranking[:start] + [s.query_id for s in ordered]
+        self.ranking = self.ranking[:start] + [s.query_id for s in high + low]
+        self._record(reason, source, start, high + low, len(low), seconds)
+
+    def _record(self, reason: str, source: str, start: int, ordered: list[QueryScore], low: int,
+                seconds: float) -> None:
+        """Append a round (its queries placed from `start` on in the ranking), save the artifact, report it."""
         summary = {
             "round": len(self.rounds), "reason": reason, "source": source, "epoch": max(self.epoch, 0),
-            "chunk": self.chunks_done, "step": self.clock(), "start_position": start, "scored": len(scores),
-            "low_variance": len(low), "seconds": round(seconds, 3),
+            "chunk": self.chunks_done, "step": self.clock(), "start_position": start, "scored": len(ordered),
+            "low_variance": low, "seconds": round(seconds, 3),
         }
         self.rounds.append({**summary, "queries": [self._entry(s.query_id, start + i) for i, s in enumerate(ordered)]})
         self.last_round_chunk = self.chunks_done
@@ -167,8 +171,8 @@ class OrderingSchedule:
         """First pass, windowed: sample the next `window` generation batches' worth of unsampled queries (no more
         than the run has steps left for) and rank them into the pass at `pos`, after the already-sampled queries
         still waiting there: highest variance first, the flat ones last. A flat query stays in its window: moved
-        to the end of the pass its samples would be old when reached and a whole batch of them gives a step with
-        no gradient (Adam's momentum still moves the weights); in its window it costs a few rows of a batch."""
+        to the end of the pass its samples would be old when reached and batches made only of them would spend
+        steps on nothing; in its window it costs a few rows of a batch."""
         size = self.queries_per_chunk
         pass_end = self.num_chunks * size
         left = None if self.chunk_budget is None else max(0, self.chunk_budget - self.chunks_done) * size
@@ -180,25 +184,16 @@ class OrderingSchedule:
         scores = self._sample(chosen)
         seconds = time.perf_counter() - t0
         self.seconds += seconds
-        self.unscored -= set(chosen)
+        picked = set(chosen)
+        self.unscored -= picked
         high, low = rank(scores, self.epsilon)
         self.low |= {s.query_id for s in low}
-        rest = [q for q in self.ranking[pos:] if q not in set(chosen)]
+        rest = [q for q in self.ranking[pos:] if q not in picked]
         waiting = [q for q in rest if q not in self.unscored]  # sampled by the last window, not yet handed out
         unsampled = [q for q in rest if q in self.unscored]
         # A query once placed keeps its position: each round's entries say where it is consumed.
         self.ranking = self.ranking[:pos] + waiting + [s.query_id for s in high + low] + unsampled
-        summary = {
-            "round": len(self.rounds), "reason": reason, "source": "ordering_pass", "epoch": max(self.epoch, 0),
-            "chunk": self.chunks_done, "step": self.clock(), "start_position": pos + len(waiting),
-            "scored": len(scores), "low_variance": len(low), "seconds": round(seconds, 3),
-        }
-        first = pos + len(waiting)
-        self.rounds.append({**summary, "queries": [self._entry(s.query_id, first + i) for i, s in enumerate(high + low)]})
-        self.last_round_chunk = self.chunks_done
-        self._save()
-        if self.on_round:
-            self.on_round(summary)
+        self._record(reason, "ordering_pass", pos + len(waiting), high + low, len(low), seconds)
 
     def _sample(self, query_ids: list[int]) -> list[QueryScore]:
         """The scorer's scores, remembered as each query's latest (source `ordering_pass`)."""

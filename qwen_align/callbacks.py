@@ -118,13 +118,11 @@ class PeriodicTaskEval(TrainerCallback):
             self.every = 10**12
             return
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        was_training, use_cache = model.training, model.config.use_cache
-        model.eval()
+        use_cache = model.config.use_cache  # generation turns the KV cache on (and restores train mode itself)
         try:
             result = self.context.evaluate_task(self.stage, model, tokenizer, step=step)
         finally:
             model.config.use_cache = use_cache
-            model.train(was_training)
         target = self.stage.task_eval.stop_at
         if target is not None and result["heldout_accuracy"] >= target:
             from .console import say
