@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qwen_align import verifiers
+from qwen_align.rm_eval.scorer import encode, score_sequences
 
 VERIFIER_COLUMN = "verifier_row"  # the row's verifier fields as JSON (one column: the rows' schemas differ)
 
@@ -30,7 +31,7 @@ def _messages(prompt: Any) -> list[dict[str, Any]]:
 
 
 class RewardModelReward:
-    """A `Qwen2ForSequenceClassification` scoring the chat-formatted prompt + response (its one logit)."""
+    """A trained reward model (scalar head or likelihood RM) scoring the chat-formatted prompt + response."""
 
     def __init__(self, model, tokenizer, name: str = "reward_model", batch_size: int = 32, max_length: int | None = None):
         self.model = model.eval()
@@ -41,26 +42,11 @@ class RewardModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
-        texts = [
-            self.tokenizer.apply_chat_template(
-                _messages(p) + [{"role": "assistant", "content": _text(c)}], tokenize=False
-            )
-            for p, c in zip(prompts, completions, strict=True)
-        ]
-        device = next(self.model.parameters()).device
-        scores: list[float] = []
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"
-        try:
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(
-                    texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                    add_special_tokens=False, truncation=self.max_length is not None, max_length=self.max_length,
-                ).to(device)
-                scores += self.model(**enc).logits[:, 0].float().tolist()
-        finally:
-            self.tokenizer.padding_side = side
-        return scores
+        limit = self.max_length or 10**9
+        encoded = [encode(self.tokenizer, _messages(p), _text(c), limit) for p, c in zip(prompts, completions, strict=True)]
+        # In the callers' order: a sample's score does not depend on which others share its batch's padding.
+        return score_sequences(self.model, [e.ids for e in encoded], self.tokenizer.pad_token_id, self.batch_size,
+                               sort_by_length=False, progress=False, starts=[e.start for e in encoded])
 
 
 class VerifierReward:

@@ -13,7 +13,7 @@ from qwen_align import distributed, lora
 from qwen_align.callbacks import training_callbacks
 from qwen_align.checkpoints.published import is_checkpoint, save_checkpoint
 from qwen_align.errors import UserError
-from qwen_align.model import load_model
+from qwen_align.model import load_reward_scorer
 from qwen_align.stage import (
     StageContext, StageResult, resolve_stage_dtype, save_trained_model, train_metrics, trainer_arguments,
 )
@@ -59,8 +59,8 @@ def build_rewards(stage: Config, context: StageContext, tokenizer, device) -> li
             continue
         source = spec.source or reward_model_stage(stage, context.recipe).name
         path = context.stage_output(source)
-        model = load_model(path, "reward", tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
-                           attn_implementation=stage.attn_implementation)
+        model = load_reward_scorer(path, tokenizer=tokenizer, dtype=resolve_stage_dtype(stage.dtype),
+                                   attn_implementation=stage.attn_implementation)
         funcs.append(RewardModelReward(model.to(device), tokenizer, name=spec.label))
     return funcs
 

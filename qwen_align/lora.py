@@ -177,9 +177,12 @@ def _merged_on_plain_base(model, tokenizer, base: str, seed: int) -> PreTrainedM
     from peft import PeftModel
 
     from .model import load_model
+    from .reward_score import copy_mark
 
     role = "reward" if model.peft_config["default"].task_type == "SEQ_CLS" else "policy"
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         plain = load_model(base, role, tokenizer=tokenizer, dtype="bfloat16", seed=seed)
-        return PeftModel.from_pretrained(plain, tmp).merge_and_unload()
+        merged = PeftModel.from_pretrained(plain, tmp).merge_and_unload()
+    copy_mark(model.config, merged)  # a likelihood reward model stays one (qwen_align.reward_score)
+    return merged

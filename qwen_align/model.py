@@ -24,6 +24,7 @@ from transformers import (
 from .checkpoints import published
 from .errors import UserError
 from .presets import PRESETS, RMS_NORM_EPS, ROPE_THETA, preset_name
+from .reward_score import CONFIG_KEY as REWARD_SCORE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def load_model(
 ) -> PreTrainedModel:
     """A policy (causal LM) or reward model (1-label classifier) from a checkpoint dir or a preset name.
 
+    A likelihood reward model's mark is dropped (see `load_reward_scorer`).
     A preset gives a randomly initialised model (tests and the demo); a directory is loaded with
     `from_pretrained` (published layout or ours), an adapter folder (`lora.save: adapter`) as its base with the
     adapter merged. A reward model loaded from a policy checkpoint gets a fresh scoring head, initialised as
@@ -141,6 +143,24 @@ def load_model(
                                                           **quantized_load_kwargs(quantize)))
     if role == "reward" and model.config.pad_token_id is None and tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if hasattr(model.config, REWARD_SCORE_KEY):
+        # A likelihood RM started from (by any stage) is a start, not a scorer: what the stage writes is
+        # what that stage makes. Scorers load through `load_reward_scorer`, which keeps the mark.
+        delattr(model.config, REWARD_SCORE_KEY)
+    return model
+
+
+def load_reward_scorer(source: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None,
+                       dtype: str = "float32", attn_implementation: str = "auto") -> PreTrainedModel:
+    """A trained reward model for scoring: a likelihood RM (a causal LM marked in its config.json) as the
+    marked causal LM, anything else as a 1-label classifier (see `qwen_align.reward_score`)."""
+    from .reward_score import checkpoint_likelihood_spec, mark_likelihood
+
+    spec = checkpoint_likelihood_spec(source)
+    role = "policy" if spec is not None else "reward"
+    model = load_model(source, role, tokenizer=tokenizer, dtype=dtype, attn_implementation=attn_implementation)
+    if spec is not None:
+        mark_likelihood(model, spec["beta"])
     return model
 
 

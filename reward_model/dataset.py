@@ -56,21 +56,23 @@ def tokenize_pairs(items: list[Item], tokenizer, max_length: int, on_long: str):
     import datasets
 
     report = LengthReport(pairs_in=len(items))
-    columns: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
+    # *_start: where the response begins (the likelihood score reads the response tokens only)
+    columns: dict[str, list] = {"chosen_ids": [], "rejected_ids": [], "chosen_start": [], "rejected_start": []}
     with_margin = bool(items) and "margin" in items[0].extra
     if with_margin:
         columns["margin"] = []
     for item in items:
-        full = [encode(tokenizer, item.prompt, r, 10**9)[0] for r in item.responses]
-        report.longest = max(report.longest, *map(len, full))
-        if max(map(len, full)) > max_length:
+        full = [encode(tokenizer, item.prompt, r, 10**9) for r in item.responses]
+        report.longest = max(report.longest, *(len(e.ids) for e in full))
+        if max(len(e.ids) for e in full) > max_length:
             if on_long == "drop":
                 report.dropped_for_length += 1
                 continue
             report.truncated += 1
-            full = [ids[-max_length:] for ids in full]
-        columns["chosen_ids"].append(full[0])
-        columns["rejected_ids"].append(full[1])
+            full = [encode(tokenizer, item.prompt, r, max_length) for r in item.responses]
+        for side, encoded in zip(("chosen", "rejected"), full):
+            columns[f"{side}_ids"].append(encoded.ids)
+            columns[f"{side}_start"].append(encoded.start)
         if with_margin:
             columns["margin"].append(item.extra["margin"])
     report.pairs_out = len(columns["chosen_ids"])

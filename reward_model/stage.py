@@ -1,5 +1,6 @@
 """Run the reward-model stage: preference pairs -> Bradley-Terry training (TRL RewardTrainer) of a
-Qwen2ForSequenceClassification initialised from a policy checkpoint -> held-out accuracy and margin."""
+Qwen2ForSequenceClassification (`score: scalar`) or of a causal LM scored by its response likelihood
+(`score: likelihood`), initialised from a policy checkpoint -> held-out accuracy and margin."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from qwen_align import distributed, lora
 from qwen_align.callbacks import training_callbacks
 from qwen_align.checkpoints.resume import atomic_checkpoints
 from qwen_align.data import load_training_rows
+from qwen_align.reward_score import mark_likelihood
 from qwen_align.rm_eval.scorer import score_items
 from qwen_align.stage import (
     StageContext, StageResult, save_trained_model, train_metrics, trainer_arguments,
@@ -20,6 +22,7 @@ from qwen_align.stage import (
 
 from .config import Config
 from .dataset import as_items, split_heldout, tokenize_pairs
+from .likelihood import LikelihoodCollator, LikelihoodRewardTrainer
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,21 @@ def run(stage: Config, context: StageContext) -> StageResult:
           f"{lengths.truncated}, dropped for length {lengths.dropped_for_length}, bad rows skipped "
           f"{data_report['bad_rows_skipped']})")
 
-    model = context.load_model(stage, tokenizer, "reward")
+    likelihood = stage.score == "likelihood"
+    role = "policy" if likelihood else "reward"  # a likelihood RM stays a causal LM
+    model = context.load_model(stage, tokenizer, role)
     model.config.pad_token_id = tokenizer.pad_token_id
-    trainer = atomic_checkpoints(RewardTrainer)(
-        model=model, args=training_args(stage, context), train_dataset=dataset, processing_class=tokenizer,
-        peft_config=lora.peft_config(stage.lora, "reward"), callbacks=training_callbacks(stage, context),
+    args = training_args(stage, context)
+    trainer_class, extra = RewardTrainer, {}
+    if likelihood:
+        mark_likelihood(model, stage.beta)  # so every checkpoint says how it scores
+        trainer_class = LikelihoodRewardTrainer
+        collator = LikelihoodCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
+        extra = {"beta": stage.beta, "data_collator": collator}
+    trainer = atomic_checkpoints(trainer_class)(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=lora.peft_config(stage.lora, "causal_lm" if likelihood else "reward"),
+        callbacks=training_callbacks(stage, context), **extra,
     )
     train_output = trainer.train(resume_from_checkpoint=context.resume_checkpoint)
     trainer.model.config.pad_token_id = tokenizer.pad_token_id

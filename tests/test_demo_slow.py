@@ -25,7 +25,9 @@ def test_demo_chain_runs_end_to_end(tmp_path):
     assert stages["sft"]["metrics"]["heldout_accuracy"] >= 0.2
     assert stages["dpo"]["metrics"]["heldout_accuracy"] > stages["sft"]["metrics"]["heldout_accuracy"]
     assert stages["rejection_sampling"]["metrics"]["pairs"] > 100
-    assert stages["reward_model"]["metrics"]["heldout_pair_accuracy"] > 0.5
+    # The likelihood RM: 92-98% on the three seeds measured (docs/demo.md); the scalar head it replaced, 57-68%.
+    assert stages["reward_model"]["metrics"]["heldout_pair_accuracy"] >= 0.8
+    assert stages["grpo"]["metrics"]["heldout_accuracy"] > stages["dpo"]["metrics"]["heldout_accuracy"]
     ordering = json.loads((run_dir / "grpo" / "ordering.json").read_text())
     assert ordering["rounds"] and "heldout_accuracy_before" in stages["grpo"]["metrics"]
     again = subprocess.run(cmd, check=True, capture_output=True, text=True)

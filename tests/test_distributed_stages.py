@@ -56,7 +56,8 @@ def _rows(tmp: Path) -> dict[str, Path]:
     }
 
 
-def tiny_recipe(tmp: Path, start: Path, processes: int, stages=("sft", "dpo", "rm", "grpo"), **top) -> Path:
+def tiny_recipe(tmp: Path, start: Path, processes: int, stages=("sft", "dpo", "rm", "rm_likelihood", "grpo"),
+                **top) -> Path:
     """The recipe for `processes` processes: per-device batches halve when processes double."""
     files = _rows(tmp)
     k = 2 // processes  # per-device multiplier: 1 process takes both ranks' share
@@ -72,8 +73,13 @@ def tiny_recipe(tmp: Path, start: Path, processes: int, stages=("sft", "dpo", "r
         "rm": {"name": "rm", "kind": "reward_model", "data": {"sources": [{"path": str(files["pairs"])}]},
                "eval_fraction": 0.25, "max_length": 64, "per_device_train_batch_size": 2 * k, "max_steps": 3,
                "learning_rate": 1e-3, "eval_batch_size": 2},
+        "rm_likelihood": {"name": "rm_likelihood", "kind": "reward_model", "score": "likelihood",
+                          "data": {"sources": [{"path": str(files["pairs"])}]}, "eval_fraction": 0.25,
+                          "max_length": 64, "per_device_train_batch_size": 2 * k, "max_steps": 3,
+                          "learning_rate": 1e-3, "eval_batch_size": 2},
         "grpo": {"name": "grpo", "kind": "grpo", "data": {"sources": [{"path": str(files["queries"])}]},
-                 "rewards": [{"kind": "verifier"}], "num_generations": 2, "per_device_train_batch_size": 2 * k,
+                 "rewards": [{"kind": "verifier"}, {"kind": "reward_model", "source": "rm_likelihood", "weight": 0.1}]
+                 if "rm_likelihood" in stages else [{"kind": "verifier"}], "num_generations": 2, "per_device_train_batch_size": 2 * k,
                  "gradient_accumulation_steps": 1,
                  "max_steps": 2, "max_completion_length": 3, "ordering_batch_size": 2, "learning_rate": 1e-3,
                  "task_eval": heldout},
@@ -166,7 +172,7 @@ def _manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())["stages"]
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm", "rm_likelihood"])
 def test_two_processes_give_the_one_process_weights(runs, stage):
     one, two = _weights(runs[1] / stage / "final"), _weights(runs[2] / stage / "final")
     assert _relative_difference(one, two, _weights(runs["start"])) < RELATIVE_TOL
@@ -176,8 +182,9 @@ def test_every_stage_completed_once_and_loads(runs):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     stages = _manifest(runs[2])
-    assert [stages[s]["status"] for s in ("sft", "dpo", "rm", "grpo")] == ["completed"] * 4
+    assert [stages[s]["status"] for s in ("sft", "dpo", "rm", "rm_likelihood", "grpo")] == ["completed"] * 5
     AutoModelForCausalLM.from_pretrained(runs[2] / "grpo" / "final")
+    AutoModelForCausalLM.from_pretrained(runs[2] / "rm_likelihood" / "final")
     AutoModelForSequenceClassification.from_pretrained(runs[2] / "rm" / "final")
     # Only the main rank prints and writes: one progress line per stage, one shared log per stage.
     assert runs["stdout2"].count("[sft] done:") == 1
@@ -209,6 +216,9 @@ def test_sharded_heldout_evals_equal_one_process_on_the_same_weights(runs):
     rm_two, rm_one = _manifest(runs[2])["rm"]["metrics"], _manifest(runs[1])["rm"]["metrics"]
     assert rm_two["heldout_pairs"] == rm_one["heldout_pairs"] == 6
     assert rm_two["heldout_mean_margin"] == pytest.approx(rm_one["heldout_mean_margin"], abs=1e-4)
+    lik_two, lik_one = (_manifest(runs[n])["rm_likelihood"]["metrics"] for n in (2, 1))
+    assert lik_two["heldout_pairs"] == 6 and lik_two["heldout_mean_margin"] == pytest.approx(
+        lik_one["heldout_mean_margin"], abs=1e-4)
 
 
 def _received(folder: Path, rank: int) -> list[dict]:
@@ -219,7 +229,13 @@ def _received(folder: Path, rank: int) -> list[dict]:
 def test_grpo_consumes_the_one_process_query_order(runs):
     one = json.loads((runs[1] / "grpo" / "ordering.json").read_text())
     two = json.loads((runs[2] / "grpo" / "ordering.json").read_text())
-    assert one["rounds"][0]["queries"] == two["rounds"][0]["queries"]  # same scores, same order
+    # Same order; the scores agree to float rounding (the reward model scores 2b rows in a batch in one process,
+    # b per rank in two, so its matrix products sum in another order).
+    first = [r["rounds"][0]["queries"] for r in (one, two)]
+    assert [q["query_id"] for q in first[0]] == [q["query_id"] for q in first[1]]
+    for a, b in zip(*first):
+        assert a == {**b, "variance": a["variance"], "mean": a["mean"]}
+        assert (a["variance"], a["mean"]) == pytest.approx((b["variance"], b["mean"]), rel=1e-5, abs=1e-6)
     assert len({q["variance"] for q in two["rounds"][0]["queries"]}) > 1  # not a trivial (all-equal) order
     # a step without gradient is skipped on every rank or on none (DDP: all ranks hold the reduced gradient)
     skipped = [_manifest(runs[n])["grpo"]["metrics"]["steps_without_gradient"] for n in (1, 2)]
@@ -324,11 +340,11 @@ def test_demo_chain_two_processes_matches_one(tmp_path):
 
     start = load_model("tiny", "policy", tokenizer=load_tokenizer(TOKENIZER), seed=0).state_dict()
     assert _relative_difference(one, two, start) < RELATIVE_TOL
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
-    for name in ("sft", "dpo", "grpo"):
+    for name in ("sft", "dpo", "grpo", "reward_model"):  # the demo's RM is a likelihood RM: a causal LM
         AutoModelForCausalLM.from_pretrained(runs[2] / name / "final")
-    AutoModelForSequenceClassification.from_pretrained(runs[2] / "reward_model" / "final")
+    assert json.loads((runs[2] / "reward_model" / "final" / "config.json").read_text())["reward_score"]["kind"] == "likelihood"
 
 
 # ------------------------------------------------------------------------------------------- the probe

@@ -32,8 +32,14 @@ def _pairs(n: int) -> list[dict]:
              "rejected": [{"role": "assistant", "content": str(31 + 4 * i + i % 3)}]} for i in range(n)]
 
 
-def _stage(kind: str, data: Path) -> dict:
-    common = {"name": kind, "kind": kind, "data": {"sources": [{"path": str(data)}]}, "max_length": 64,
+# variant -> (stage kind, extra options)
+VARIANTS = {"sft": ("sft", {}), "dpo": ("dpo", {}), "reward_model": ("reward_model", {}),
+            "likelihood_rm": ("reward_model", {"score": "likelihood"})}
+
+
+def _stage(variant: str, data: Path) -> dict:
+    kind, extra = VARIANTS[variant]
+    common = {"name": kind, "kind": kind, **extra, "data": {"sources": [{"path": str(data)}]}, "max_length": 64,
               "max_steps": STEPS, "save_steps": SAVE_EVERY, "save_total_limit": 2, "save_every_minutes": None,
               "logging_steps": 1, "learning_rate": 1e-3, "dtype": "float32"}
     if kind == "sft":
@@ -41,12 +47,12 @@ def _stage(kind: str, data: Path) -> dict:
     return {**common, "per_device_train_batch_size": 4, "eval_fraction": 0.0}
 
 
-def _recipe(folder: Path, kind: str, tokenizer_dir: Path) -> Path:
+def _recipe(folder: Path, variant: str, tokenizer_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    data = (write_jsonl(folder / "sft.jsonl", arithmetic_rows(48)) if kind == "sft"
+    data = (write_jsonl(folder / "sft.jsonl", arithmetic_rows(48)) if variant == "sft"
             else write_jsonl(folder / "pairs.jsonl", _pairs(24)))
     raw = {"model": "tiny", "tokenizer": str(tokenizer_dir), "run_dir": str(folder / "run"), "seed": 0,
-           "stages": [_stage(kind, data)]}
+           "stages": [_stage(variant, data)]}
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
@@ -101,13 +107,14 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, demo_tokenizer_dir):
-    """One uninterrupted run per kind, made on first use and shared; in this process (saving a start-up),
+    """One uninterrupted run per variant, made on first use and shared; in this process (saving a start-up),
     on one thread like the runs it is compared with."""
     made: dict[str, dict] = {}
 
-    def get(kind: str) -> dict:
-        if kind not in made:
-            recipe = _recipe(tmp_path_factory.mktemp(f"ref-{kind}"), kind, demo_tokenizer_dir)
+    def get(variant: str) -> dict:
+        if variant not in made:
+            kind = VARIANTS[variant][0]
+            recipe = _recipe(tmp_path_factory.mktemp(f"ref-{variant}"), variant, demo_tokenizer_dir)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
@@ -115,15 +122,16 @@ def reference(tmp_path_factory, demo_tokenizer_dir):
             finally:
                 torch.set_num_threads(threads)
             assert entry["status"] == "completed" and entry["resumed_from"] is None
-            made[kind] = _final_weights(recipe, kind)
-        return made[kind]
+            made[variant] = _final_weights(recipe, kind)
+        return made[variant]
 
     return get
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model"])
-def test_kill_9_mid_checkpoint_and_at_a_random_moment_then_resume(kind, tmp_path, demo_tokenizer_dir, reference):
-    recipe = _recipe(tmp_path, kind, demo_tokenizer_dir)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kill_9_mid_checkpoint_and_at_a_random_moment_then_resume(variant, tmp_path, demo_tokenizer_dir, reference):
+    kind = VARIANTS[variant][0]
+    recipe = _recipe(tmp_path, variant, demo_tokenizer_dir)
     checkpoints = (tmp_path / "run" / kind / "checkpoints").resolve()
 
     # 1. Killed while checkpoint-4 is half written (model, optimizer, scheduler in; RNG and trainer state not).
@@ -148,7 +156,7 @@ def test_kill_9_mid_checkpoint_and_at_a_random_moment_then_resume(kind, tmp_path
     last = int(entry["resumed_from"].rsplit("-", 1)[1])
     assert entry["status"] == "completed" and last >= 4 and entry["metrics"]["train_steps"] == STEPS
     assert f"resuming {entry['resumed_from']}" in done.stdout
-    _assert_same_weights(_final_weights(recipe, kind), reference(kind))
+    _assert_same_weights(_final_weights(recipe, kind), reference(variant))
 
 
 def test_sigterm_then_sigint_save_at_the_next_step_and_the_rerun_finishes_the_same(tmp_path, demo_tokenizer_dir,

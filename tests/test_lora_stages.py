@@ -155,6 +155,38 @@ def test_reward_model_lora_trains_the_score_head_into_the_adapter_output(tmp_pat
         load_model(out, "policy")
 
 
+def test_likelihood_reward_model_lora_merges_into_a_marked_causal_lm(tmp_path, demo_tokenizer_dir, demo_tokenizer,
+                                                                      trained):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(16))
+    raw = {"model": "tiny", "tokenizer": str(demo_tokenizer_dir), "run_dir": str(tmp_path / "run"), "seed": 0,
+           "stages": [{"name": "rm", "kind": "reward_model", "score": "likelihood", "data": {"sources": [{"path": str(pairs)}]},
+                       "lora": LORA, "max_length": 64, "per_device_train_batch_size": 8, "max_steps": 2,
+                       "learning_rate": 1e-2, "eval_fraction": 0.25, "logging_steps": 1, "save_steps": 10,
+                       "dtype": "float32"}]}
+    entry = run_recipe(load_recipe(_write(tmp_path / "recipe.yaml", raw)))["stages"]["rm"]
+    assert entry["status"] == "completed", entry.get("error")
+    start = dict(load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=0).named_parameters())
+    assert_only_adapters_trained(trained["params"], start)  # a causal LM: no score head to train
+    model, _, _ = load_reward_model(entry["output"], dtype="float32")
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.reward_score["kind"] == "likelihood"
+    assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())  # the adapter is merged in
+
+
+def test_qlora_merge_on_the_plain_base_keeps_the_likelihood_mark(demo_tokenizer):
+    """QLoRA's output is merged into the base reloaded unquantized; that reload must stay a likelihood RM.
+    (The merge itself does not need a quantized model, so this runs on CPU without bitsandbytes.)"""
+    from peft import LoraConfig, get_peft_model
+
+    from qwen_align.lora import _merged_on_plain_base
+    from qwen_align.reward_score import likelihood_spec, mark_likelihood
+
+    model = load_model("tiny", "policy", tokenizer=demo_tokenizer, seed=0)
+    mark_likelihood(model, 2.5)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8))
+    merged = _merged_on_plain_base(peft_model, demo_tokenizer, "tiny", 0)
+    assert likelihood_spec(merged.config) == {"kind": "likelihood", "beta": 2.5}
+
+
 def test_grpo_lora_with_kl_uses_the_adapter_free_policy_as_reference(tmp_path, demo_tokenizer_dir, demo_tokenizer,
                                                                       trained, built):
     rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"}], "verifier": "exact",

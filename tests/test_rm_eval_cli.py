@@ -37,8 +37,8 @@ def _pairs_file(tmp_path: Path) -> Path:
 
 
 def test_left_truncation_keeps_the_end(demo_tokenizer):
-    ids, cut = encode(demo_tokenizer, [{"role": "user", "content": "word " * 100}], "the answer", 16)
-    full, _ = encode(demo_tokenizer, [{"role": "user", "content": "word " * 100}], "the answer", 10**6)
+    ids, cut, _ = encode(demo_tokenizer, [{"role": "user", "content": "word " * 100}], "the answer", 16)
+    full, _, _ = encode(demo_tokenizer, [{"role": "user", "content": "word " * 100}], "the answer", 10**6)
     assert cut and ids == full[-16:]
     assert batches([3, 9, 1, 5], 2) == [[1, 3], [0, 2]] and batches([3, 9, 1, 5], 2, False) == [[0, 1], [2, 3]]
 

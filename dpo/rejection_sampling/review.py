@@ -1,4 +1,5 @@
-"""The reward-model half of the rejection-sampling review: score whole conversations with a 1-label RM."""
+"""The reward-model half of the rejection-sampling review: score whole conversations with a reward model
+(scalar head or likelihood RM; `qwen_align.rm_eval.scorer` does the scoring)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 import torch
 
 from qwen_align import distributed
-from qwen_align.model import load_model
+from qwen_align.model import load_reward_scorer
+from qwen_align.rm_eval.scorer import encode, score_sequences
 
 
 class RewardScorer:
@@ -17,28 +19,13 @@ class RewardScorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
-        self.model = load_model(path, "reward", tokenizer=tokenizer, dtype=dtype)
+        self.model = load_reward_scorer(path, tokenizer=tokenizer, dtype=dtype)
         self.model.eval()
         self.model.to(distributed.device())  # this rank's own GPU, or the CPU
 
     @torch.no_grad()
     def score(self, items: list[tuple[list[dict[str, Any]], str]]) -> list[float]:
         """RM score of each (prompt messages, response text)."""
-        texts = [
-            self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=False)
-            for prompt, reply in items
-        ]
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "right"
-        scores: list[float] = []
-        try:
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(
-                    texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                    truncation=True, max_length=self.max_length, add_special_tokens=False,
-                ).to(self.model.device)
-                logits = self.model(**enc).logits
-                scores.extend(logits[:, 0].float().tolist())
-        finally:
-            self.tokenizer.padding_side = side
-        return scores
+        encoded = [encode(self.tokenizer, prompt, reply, self.max_length) for prompt, reply in items]
+        return score_sequences(self.model, [e.ids for e in encoded], self.tokenizer.pad_token_id, self.batch_size,
+                               progress=False, starts=[e.start for e in encoded])
