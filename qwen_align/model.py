@@ -147,6 +147,9 @@ def load_model(
         # A likelihood RM started from (by any stage) is a start, not a scorer: what the stage writes is
         # what that stage makes. Scorers load through `load_reward_scorer`, which keeps the mark.
         delattr(model.config, REWARD_SCORE_KEY)
+        if role == "reward":
+            log.warning("%s is a likelihood reward model; loaded as the start of a new scalar-head RM (a fresh "
+                        "head). To score with it, use qwen_align.model.load_reward_scorer.", source)
     return model
 
 
