@@ -33,8 +33,15 @@ def checkpoint_likelihood_spec(path) -> dict[str, Any] | None:
     from pathlib import Path
 
     from .checkpoints.published import is_checkpoint, read_json
+    from .errors import UserError
 
-    return likelihood_spec(read_json(Path(path) / "config.json")) if is_checkpoint(path) else None
+    if not is_checkpoint(path):
+        return None
+    spec = likelihood_spec(read_json(Path(path) / "config.json"))
+    beta = spec.get("beta") if spec is not None else None
+    if spec is not None and (isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0):
+        raise UserError(f"{Path(path) / 'config.json'}: {CONFIG_KEY}.beta must be a positive number (got {beta!r})")
+    return spec
 
 
 def copy_mark(source_config: Any, model) -> None:

@@ -206,3 +206,19 @@ def test_likelihood_with_an_adapter_output_is_refused(tmp_path, demo_tokenizer_d
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "recipe.yaml" in errors[0] and "lora.save: merged" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_mark_is_one_line_naming_the_file(trained, tmp_path, capsys):
+    import shutil
+
+    _, out = trained
+    broken = Path(shutil.copytree(out, tmp_path / "rm"))
+    config = json.loads((broken / "config.json").read_text())
+    config[CONFIG_KEY] = {"kind": "likelihood", "beta": "two"}
+    (broken / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{**row, "id": f"p{i}"} for i, row in enumerate(_pairs(2))])
+    assert main(["eval-rm", "--model", str(broken), "--benchmark", "pairs", "--data", str(data),
+                 "--out", str(tmp_path / "eval")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "config.json" in errors[0] and "reward_score.beta" in errors[0]
+    assert not (tmp_path / "eval").exists()
