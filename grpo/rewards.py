@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from qwen_align import verifiers
-from qwen_align.rm_eval.scorer import encode, score_sequences
+from qwen_align.rm_eval.scorer import score_conversations
 
 VERIFIER_COLUMN = "verifier_row"  # the row's verifier fields as JSON (one column: the rows' schemas differ)
 
@@ -42,11 +42,10 @@ class RewardModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
-        limit = self.max_length or 10**9
-        encoded = [encode(self.tokenizer, _messages(p), _text(c), limit) for p, c in zip(prompts, completions, strict=True)]
-        # In the callers' order: a sample's score does not depend on which others share its batch's padding.
-        return score_sequences(self.model, [e.ids for e in encoded], self.tokenizer.pad_token_id, self.batch_size,
-                               sort_by_length=False, progress=False, starts=[e.start for e in encoded])
+        conversations = [(_messages(p), _text(c)) for p, c in zip(prompts, completions, strict=True)]
+        # Batched in the callers' order, as the trainer and the ordering pass both hand them over.
+        return score_conversations(self.model, self.tokenizer, conversations, self.max_length or 10**9,
+                                   self.batch_size, sort_by_length=False)
 
 
 class VerifierReward:

@@ -20,6 +20,20 @@ def arithmetic_rows(n: int, start: int = 10) -> list[dict]:
     return rows
 
 
+def arithmetic_pairs(n: int, margin: float | None = None) -> list[dict]:
+    """Preference pairs on two-digit sums: chosen the true answer, rejected a near miss (optional `margin`)."""
+    rows = []
+    for i in range(n):
+        a, b = 10 + i % 40, 11 + (i * 7) % 30
+        row = {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}],
+               "chosen": [{"role": "assistant", "content": str(a + b)}],
+               "rejected": [{"role": "assistant", "content": str(a + b + 1 + i % 5)}]}
+        if margin is not None:
+            row["margin"] = margin
+        rows.append(row)
+    return rows
+
+
 def tiny_chain_recipe(folder: Path, tokenizer_dir: Path, **top) -> Path:
     """A five-stage chain (sft -> rejection_sampling -> dpo -> reward_model -> grpo) on the tiny preset that
     trains a few steps per stage; rejection sampling's `regex` check (a response holding a digit) passes a share

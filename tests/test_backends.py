@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
-from helpers import arithmetic_rows, write_jsonl
+from helpers import arithmetic_pairs, arithmetic_rows, write_jsonl
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -81,20 +81,10 @@ def test_plan_prints_backend_and_world_size(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------- FSDP2 on 2 CPU processes
 
 
-def _pairs(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        a, b = 10 + i % 40, 11 + (i * 7) % 30
-        rows.append({"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}],
-                     "chosen": [{"role": "assistant", "content": str(a + b)}],
-                     "rejected": [{"role": "assistant", "content": str(a + b + 1 + i % 5)}]})
-    return rows
-
-
 def _chain(tmp_path: Path, tokenizer_dir: Path, name: str, per_device: int) -> tuple[Path, Path]:
     """sft -> dpo (adamw) and sft -> reward_model, 2 steps each, global batch 8 (sft) and 4 (pairs)."""
     sft_data = write_jsonl(tmp_path / "sft.jsonl", arithmetic_rows(32))
-    pairs = write_jsonl(tmp_path / "pairs.jsonl", _pairs(32))
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", arithmetic_pairs(32))
     common = {"max_steps": 2, "learning_rate": 1e-3, "save_steps": 100, "logging_steps": 1, "dtype": "float32",
               "max_length": 48}
     raw = {

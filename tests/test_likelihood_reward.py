@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import write_jsonl
+from helpers import arithmetic_pairs, write_jsonl
 from transformers import AutoModelForCausalLM
 
 from qwen_align.cli import main
@@ -23,16 +23,6 @@ from qwen_align.rm_eval.scorer import encode, load_reward_model, score_items
 from qwen_align.runner import run_recipe
 
 PROMPT = [{"role": "user", "content": "What is 12+30?"}]
-
-
-def _pairs(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        a, b = 10 + i % 40, 11 + (i * 7) % 30
-        rows.append({"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}],
-                     "chosen": [{"role": "assistant", "content": str(a + b)}],
-                     "rejected": [{"role": "assistant", "content": str(a + b + 1 + i % 5)}]})
-    return rows
 
 
 def _by_hand(model, tokenizer, prompt, response, beta) -> float:
@@ -67,7 +57,7 @@ def test_encode_moves_the_start_with_left_truncation(demo_tokenizer):
 def trained(tmp_path_factory, demo_tokenizer_dir):
     """A likelihood RM trained by the stage for 3 steps (stage entry, output folder)."""
     tmp = tmp_path_factory.mktemp("likelihood")
-    data = write_jsonl(tmp / "pairs.jsonl", _pairs(32))
+    data = write_jsonl(tmp / "pairs.jsonl", arithmetic_pairs(32))
     raw = {"model": "tiny", "tokenizer": str(demo_tokenizer_dir), "run_dir": str(tmp / "run"), "seed": 0,
            "stages": [{"name": "rm", "kind": "reward_model", "data": {"sources": [{"path": str(data)}]},
                        "score": "likelihood", "beta": 1.5, "max_length": 64, "per_device_train_batch_size": 8,
@@ -160,7 +150,7 @@ def _cut_by_hand(model, ids: list[int], start: int, beta: float) -> float:
 
 def test_a_scalar_reward_model_started_from_a_likelihood_rm_is_a_classifier(trained, tmp_path, demo_tokenizer_dir):
     _, out = trained
-    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(8))
+    data = write_jsonl(tmp_path / "pairs.jsonl", arithmetic_pairs(8))
     raw = {"model": "tiny", "tokenizer": str(demo_tokenizer_dir), "run_dir": str(tmp_path / "run"), "seed": 0,
            "stages": [{"name": "rm", "kind": "reward_model", "init_from": str(out), "data": {"sources": [{"path": str(data)}]},
                        "max_length": 64, "per_device_train_batch_size": 4, "max_steps": 1, "eval_fraction": 0.25,
@@ -176,12 +166,12 @@ def test_a_scalar_reward_model_started_from_a_likelihood_rm_is_a_classifier(trai
 
 def test_eval_rm_cli_reads_a_likelihood_rm(trained, tmp_path, demo_tokenizer):
     _, out = trained
-    data = write_jsonl(tmp_path / "pairs.jsonl", [{**row, "id": f"p{i}"} for i, row in enumerate(_pairs(6))])
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{**row, "id": f"p{i}"} for i, row in enumerate(arithmetic_pairs(6))])
     assert main(["eval-rm", "--model", str(out), "--benchmark", "pairs", "--data", str(data),
                  "--out", str(tmp_path / "eval"), "--max-length", "64", "--batch-size", "4"]) == 0
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "eval" / "scores.jsonl").read_text().splitlines())}
     model = AutoModelForCausalLM.from_pretrained(out)
-    for i, pair in enumerate(_pairs(6)):
+    for i, pair in enumerate(arithmetic_pairs(6)):
         expected = [_by_hand(model, demo_tokenizer, pair["prompt"], pair[side][0]["content"], 1.5)
                     for side in ("chosen", "rejected")]
         assert [rows[f"p{i}"]["scores_chosen"], rows[f"p{i}"]["scores_rejected"]] == pytest.approx(expected, abs=1e-5)
@@ -196,7 +186,7 @@ def test_a_causal_lm_without_the_mark_is_not_a_reward_model(tmp_path, demo_token
 
 
 def test_likelihood_with_an_adapter_output_is_refused(tmp_path, demo_tokenizer_dir, capsys):
-    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(4))
+    data = write_jsonl(tmp_path / "pairs.jsonl", arithmetic_pairs(4))
     raw = {"model": "tiny", "tokenizer": str(demo_tokenizer_dir), "run_dir": str(tmp_path / "run"),
            "stages": [{"name": "rm", "kind": "reward_model", "data": {"sources": [{"path": str(data)}]},
                        "score": "likelihood", "lora": {"save": "adapter"}}]}
@@ -216,7 +206,7 @@ def test_a_broken_mark_is_one_line_naming_the_file(trained, tmp_path, capsys):
     config = json.loads((broken / "config.json").read_text())
     config[CONFIG_KEY] = {"kind": "likelihood", "beta": "two"}
     (broken / "config.json").write_text(json.dumps(config))
-    data = write_jsonl(tmp_path / "pairs.jsonl", [{**row, "id": f"p{i}"} for i, row in enumerate(_pairs(2))])
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{**row, "id": f"p{i}"} for i, row in enumerate(arithmetic_pairs(2))])
     assert main(["eval-rm", "--model", str(broken), "--benchmark", "pairs", "--data", str(data),
                  "--out", str(tmp_path / "eval")]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

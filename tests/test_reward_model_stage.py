@@ -7,25 +7,12 @@ import json
 
 import pytest
 import yaml
-from helpers import write_jsonl
+from helpers import arithmetic_pairs, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
 from qwen_align.errors import DataError
 from qwen_align.recipe import load_recipe
 from qwen_align.runner import run_recipe
-
-
-def _pairs(n: int, margin: bool = False) -> list[dict]:
-    rows = []
-    for i in range(n):
-        a, b = 10 + i % 40, 11 + (i * 7) % 30
-        row = {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}],
-               "chosen": [{"role": "assistant", "content": str(a + b)}],
-               "rejected": [{"role": "assistant", "content": str(a + b + 1 + i % 5)}]}
-        if margin:
-            row["margin"] = 0.5
-        rows.append(row)
-    return rows
 
 
 def _recipe(tmp_path, demo_tokenizer_dir, data, **options):
@@ -41,7 +28,7 @@ def _recipe(tmp_path, demo_tokenizer_dir, data, **options):
 
 
 def test_reward_model_stage_trains_and_reports_heldout(tmp_path, demo_tokenizer_dir):
-    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs(32, margin=True))
+    data = write_jsonl(tmp_path / "pairs.jsonl", arithmetic_pairs(32, margin=0.5))
     path, raw = _recipe(tmp_path, demo_tokenizer_dir, data, center_rewards_coefficient=0.01)
     entry = run_recipe(load_recipe(path))["stages"]["rm"]
     assert entry["status"] == "completed" and entry["metrics"]["train_steps"] == 3
@@ -62,7 +49,7 @@ def test_reward_model_stage_trains_and_reports_heldout(tmp_path, demo_tokenizer_
 
 
 def test_reward_model_stage_bad_pairs_name_the_row(tmp_path, demo_tokenizer_dir):
-    rows = _pairs(4)
+    rows = arithmetic_pairs(4)
     del rows[2]["rejected"]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     path, _ = _recipe(tmp_path, demo_tokenizer_dir, data)

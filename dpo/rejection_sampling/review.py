@@ -9,7 +9,7 @@ import torch
 
 from qwen_align import distributed
 from qwen_align.model import load_reward_scorer
-from qwen_align.rm_eval.scorer import encode, score_sequences
+from qwen_align.rm_eval.scorer import score_conversations
 
 
 class RewardScorer:
@@ -26,6 +26,4 @@ class RewardScorer:
     @torch.no_grad()
     def score(self, items: list[tuple[list[dict[str, Any]], str]]) -> list[float]:
         """RM score of each (prompt messages, response text)."""
-        encoded = [encode(self.tokenizer, prompt, reply, self.max_length) for prompt, reply in items]
-        return score_sequences(self.model, [e.ids for e in encoded], self.tokenizer.pad_token_id, self.batch_size,
-                               progress=False, starts=[e.start for e in encoded])
+        return score_conversations(self.model, self.tokenizer, items, self.max_length, self.batch_size)

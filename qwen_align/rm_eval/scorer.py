@@ -105,6 +105,15 @@ def score_sequences(
     return scores
 
 
+def score_conversations(model, tokenizer, conversations: list[tuple[list[dict[str, Any]], str]], max_length: int,
+                        batch_size: int, sort_by_length: bool = True) -> list[float]:
+    """The reward of each (prompt messages, response text), in order, without a progress bar (GRPO's reward
+    and the rejection-sampling review call this per batch)."""
+    encoded = [encode(tokenizer, prompt, response, max_length) for prompt, response in conversations]
+    return score_sequences(model, [e.ids for e in encoded], tokenizer.pad_token_id, batch_size, sort_by_length,
+                           progress=False, starts=[e.start for e in encoded])
+
+
 def score_items(model, tokenizer, items: list[Item], max_length: int, batch_size: int, progress: bool = True
                 ) -> tuple[list[list[float]], dict[str, Any]]:
     """Per item, the reward of each response (in the item's order), and formatting stats."""
