@@ -22,6 +22,7 @@ from qwen_align.checkpoints import published
 from qwen_align.errors import DataError, RecipeError, UserError
 from qwen_align.recipe import load_recipe
 from qwen_align.runner import run_recipe
+from qwen_align.rm_eval.scorer import encode
 from qwen_align.tokenizer import QWEN_CHAT_TEMPLATE
 from sft.dataset import mask_mode, prefix_mask, tokenize_conversations
 
@@ -200,13 +201,18 @@ def test_chain_from_published_instruct_writes_portable_checkpoints(instruct_dir,
          "max_length": 64, "per_device_train_batch_size": 4, **few},
         {"name": "rm", "kind": "reward_model", "init_from": str(instruct_dir), "data": {"sources": [{"path": str(pairs)}]},
          "max_length": 64, "per_device_train_batch_size": 4, "eval_fraction": 0.25, **few},
-        {"name": "grpo", "kind": "grpo", "data": {"sources": [{"path": str(queries)}]}, "rewards": [{"kind": "reward_model"}],
+        {"name": "rm_likelihood", "kind": "reward_model", "score": "likelihood", "init_from": str(instruct_dir),
+         "data": {"sources": [{"path": str(pairs)}]}, "max_length": 64, "per_device_train_batch_size": 4,
+         "eval_fraction": 0.25, **few},
+        {"name": "grpo", "kind": "grpo", "data": {"sources": [{"path": str(queries)}]},
+         "rewards": [{"kind": "reward_model", "source": "rm"},
+                     {"kind": "reward_model", "source": "rm_likelihood", "name": "likelihood"}],
          "num_generations": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
          "max_completion_length": 3, **few},
     ]
     manifest = run_recipe(load_recipe(_recipe(tmp_path, instruct_dir, stages)))
     entries = manifest["stages"]
-    assert all(entries[s]["status"] == "completed" for s in ("sft", "rs", "dpo", "rm", "grpo"))
+    assert all(entries[s]["status"] == "completed" for s in ("sft", "rs", "dpo", "rm", "rm_likelihood", "grpo"))
     assert entries["sft"]["metrics"]["lengths"]["examples_out"] == 16  # the known breakage: all were dropped
     for name in ("sft", "dpo", "grpo"):
         config = assert_portable_checkpoint(Path(entries[name]["output"]), QWEN25_INSTRUCT_TEMPLATE, demo_tokenizer)
@@ -218,6 +224,17 @@ def test_chain_from_published_instruct_writes_portable_checkpoints(instruct_dir,
     assert "rope_scaling" not in config  # grpo started from the published (unscaled) model
     assert_portable_checkpoint(Path(entries["rm"]["output"]), QWEN25_INSTRUCT_TEMPLATE, demo_tokenizer,
                                AutoModelForSequenceClassification)
+    # The likelihood RM: a portable causal LM that says how it scores; under Qwen's published template (which
+    # adds its default system turn) the scored span is exactly the assistant turn's content and its end.
+    out = Path(entries["rm_likelihood"]["output"])
+    config = assert_portable_checkpoint(out, QWEN25_INSTRUCT_TEMPLATE, demo_tokenizer)
+    assert config["reward_score"]["kind"] == "likelihood"
+    published_tokenizer = published.load_tokenizer(out)
+    ids, _, start = encode(published_tokenizer, [{"role": "user", "content": "What is 12+30?"}], "42", 10**6)
+    assert published_tokenizer.decode(ids[start:]) == "42<|im_end|>\n"
+    assert "You are Qwen" in published_tokenizer.decode(ids[:start])
+    grpo_logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("rewards/likelihood/mean" in r for r in grpo_logs if r.get("stage") == "grpo")
 
 
 def test_base_checkpoint_trains_with_prefix_masks_and_keeps_its_template(base_dir, demo_tokenizer, tmp_path):
